@@ -1,0 +1,78 @@
+"""The `edge-nas` command line: a thin layer over the library functions."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+import edge_runtime
+from models.errors import EdgeNasError
+
+logger = logging.getLogger("edge_runtime")
+
+
+class _Group(click.Group):
+    """Turns expected mistakes into one line on stderr and a non-zero exit, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeNasError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished results are cached, so the same command resumes", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(edge_runtime.__version__, prog_name="edge-nas")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Training-free neural architecture search for personalised models on edge devices."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command("proxies")
+@click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
+def proxies_command(as_json: bool) -> None:
+    """List the zero-cost proxies with what each needs and where it may run."""
+    from models.proxies import get_proxy, list_proxies
+
+    specs = [get_proxy(name).describe() for name in list_proxies()]
+    if as_json:
+        click.echo(json.dumps(specs, indent=2))
+        return
+    for spec in specs:
+        needs = ", ".join(
+            word for word, flag in (("gradients", spec["needs_gradients"]), ("labels", spec["needs_labels"])) if flag
+        )
+        click.echo(f"{spec['name']:<16} {'/'.join(spec['runs_on']):<13} needs: {needs or 'forward pass only':<18} {spec['description']}")
+
+
+def _register_optional_commands() -> None:
+    from edge_runtime.cli_score import score_command
+
+    main.add_command(score_command)
+    for module_name, attribute in (
+        ("edge_runtime.cli_personalize", "personalize"),
+        ("edge_runtime.cli_calibrate", "calibrate"),
+    ):
+        try:
+            module = __import__(module_name, fromlist=[attribute])
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        main.add_command(getattr(module, attribute))
+
+
+_register_optional_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Score many architectures one at a time, with a resumable cache and a progress bar."""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+import edge_runtime
+from edge_runtime.score_cache import ScoreCache, protocol_key, split_cached
+from models.proxies import ProxyResult, get_proxy
+from models.proxies.scoring import score_architecture
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoringProtocol:
+    """Everything that changes a score besides the architecture: stored with every result."""
+
+    space: str
+    num_classes: int
+    input_size: int
+    data_hash: str
+    batch_size: int
+    seed: int
+    code_version: str = edge_runtime.__version__
+    proxy_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def key_for(self, proxy: str) -> str:
+        options = get_proxy(proxy).default_options()
+        options.update(self.proxy_options.get(proxy, {}))
+        return protocol_key(
+            num_classes=self.num_classes,
+            input_size=self.input_size,
+            data=self.data_hash,
+            batch=self.batch_size,
+            seed=self.seed,
+            version=self.code_version,
+            options=options,
+        )
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "space": self.space,
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "data_hash": self.data_hash,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "code_version": self.code_version,
+            "proxy_options": {
+                name: {**get_proxy(name).default_options(), **self.proxy_options.get(name, {})}
+                for name in self.proxy_options
+            },
+        }
+
+
+def score_archs(
+    space: Any,
+    archs: Sequence[Any],
+    inputs: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    proxies: Sequence[str],
+    protocol: ScoringProtocol,
+    *,
+    cache: Optional[ScoreCache] = None,
+    progress: bool = True,
+    description: str = "scoring",
+) -> Iterator[Tuple[Any, Dict[str, ProxyResult]]]:
+    """Yield (arch, {proxy: result}) in input order; cached results are reused, new ones stored."""
+    from tqdm import tqdm
+
+    keys = {name: protocol.key_for(name) for name in proxies}
+    bar = tqdm(total=len(archs), desc=description, unit="arch", disable=not progress, leave=False)
+    try:
+        for arch in archs:
+            arch_text = space.to_string(arch)
+            cached, missing = split_cached(cache, protocol.space, arch_text, proxies, keys)
+            fresh: Dict[str, ProxyResult] = {}
+            if missing:
+                fresh = score_architecture(
+                    space, arch, inputs, labels, missing, seed=protocol.seed, options=protocol.proxy_options
+                )
+                if cache is not None:
+                    cache.put_many(protocol.space, arch_text, fresh, keys)
+            bar.update(1)
+            yield arch, {name: cached.get(name) or fresh[name] for name in proxies}
+    finally:
+        bar.close()
+
+
+def timing_summary(rows: Iterable[Mapping[str, ProxyResult]], proxies: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Median and total seconds per proxy over the rows (cached results included as first measured)."""
+    summary: Dict[str, Dict[str, float]] = {}
+    for name in proxies:
+        seconds: List[float] = [float(r[name].details.get("seconds", 0.0)) for r in rows if name in r]
+        if seconds:
+            summary[name] = {"median_ms": 1000 * statistics.median(seconds), "total_s": sum(seconds)}
+    return summary
+
+
+def forward_backward_seconds(network: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Wall time of one training-mode forward and backward pass: the reference cost for proxies."""
+    from models.proxies._context import scoring_mode
+
+    with scoring_mode(network):
+        start = time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(network(inputs), labels)
+        loss.backward()
+        elapsed = time.perf_counter() - start
+    return elapsed
