@@ -79,4 +79,6 @@ def get_space(name: str, **options: Any) -> SearchSpace:
 
 
 def _load_builtin_spaces() -> None:
+    import models.spaces.autoformer  # noqa: F401  (registers autoformer-tiny, -small, -base)
+    import models.spaces.mobilenetv2  # noqa: F401  (registers itself)
     import models.spaces.nb201_space  # noqa: F401  (registers itself)
