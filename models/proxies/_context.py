@@ -63,9 +63,14 @@ def forward_pre_hooks(modules: Iterable[nn.Module], hook: Callable[..., Any]) ->
             handle.remove()
 
 
+# Activations whose input sign defines an activation pattern: ReLU and its smooth variants,
+# so that pattern-based proxies also read transformers (GELU) and MobileNets (ReLU6).
+RECTIFIER_TYPES = (nn.ReLU, nn.ReLU6, nn.GELU)
+
+
 def relu_modules(network: nn.Module) -> List[nn.Module]:
-    """The leaf ReLU modules, each once (a container is never hooked)."""
-    return [m for m in network.modules() if isinstance(m, nn.ReLU)]
+    """The leaf rectifier modules (ReLU, ReLU6, GELU), each once; a container is never hooked."""
+    return [m for m in network.modules() if isinstance(m, RECTIFIER_TYPES)]
 
 
 def block_modules(network: nn.Module) -> List[nn.Module]:
