@@ -19,6 +19,10 @@ def atomic_path(target: PathLike) -> Iterator[Path]:
     ensure_writable_dir(target.parent)
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     os.close(handle)
+    # mkstemp creates the file as 0600; give the result the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield Path(temporary)
         os.replace(temporary, target)

@@ -61,6 +61,7 @@ def _register_optional_commands() -> None:
     for module_name, attribute in (
         ("edge_runtime.cli_personalize", "personalize"),
         ("edge_runtime.cli_calibrate", "calibrate"),
+        ("edge_runtime.cli_cloud", "cloud"),
     ):
         try:
             module = __import__(module_name, fromlist=[attribute])

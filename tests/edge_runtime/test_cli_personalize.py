@@ -1,0 +1,189 @@
+"""`edge-nas personalize`: end to end on real images, and one clear line for each kind of bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edge_runtime.cli_personalize import personalize
+
+TINY = ["--budget", "6", "--finalists", "2", "--batch-size", "16"]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(personalize, list(args))
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    return str(tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One score cache for the small runs of this module, so that each scores its candidates once."""
+    return str(tmp_path_factory.mktemp("cache") / "scores.sqlite")
+
+
+def check_outputs(out: str, summary: dict) -> None:
+    from pathlib import Path
+
+    folder = Path(out)
+    subnet = json.loads((folder / "subnet.json").read_text())
+    assert subnet["architecture"] == summary["architecture"]
+    for key in ("proxies", "score", "measurements", "constraints", "preprocessing", "data_hash", "seeds",
+                "code_version", "stage_seconds", "gradient_source"):
+        assert key in subnet, key
+    assert subnet["measurements"]["latency"]["execution_provider"]
+    onnx.checker.check_model(onnx.load(str(folder / "model.onnx")))
+    assert "score_vs_latency.png" in (folder / "report.md").read_text()
+    assert (folder / "score_vs_latency.png").stat().st_size > 0
+
+
+def test_cli_end_to_end_on_sklearn_digits(out_dir, tmp_path):
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--max-params", "1.2M", "--budget", "4",
+                     "--finalists", "2", "--batch-size", "8", "--cache", str(tmp_path / "c.sqlite"), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["params"] <= 1_200_000
+    assert summary["candidates_scored"] == 4
+    assert summary["gradient_source"] == "local"
+    check_outputs(out_dir, summary)
+
+
+def test_cli_end_to_end_on_cifar10(shared_data, out_dir):
+    cifar = shared_data / "images" / "cifar10.npz"
+    if not cifar.exists():
+        pytest.skip(f"{cifar} is absent")
+    result = run_cli("--data", str(cifar), "--out", out_dir, "--search", "evolution", "--json", *TINY)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    check_outputs(out_dir, summary)
+    with open(summary["files"]["subnet"]) as handle:
+        subnet = json.load(handle)
+    assert subnet["data"]["images"] == 5000
+
+
+def test_cli_human_summary(shared_cache, out_dir):
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--budget", "2", "--finalists", "1",
+                     "--batch-size", "8", "--cache", shared_cache)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("chosen: |")
+    assert "latency p50" in result.stdout
+    assert "power: not measured" in result.stdout
+
+
+def test_missing_data(out_dir, tmp_path):
+    assert_one_line_error(run_cli("--data", str(tmp_path / "absent.npz"), "--out", out_dir), "data not found")
+
+
+def test_corrupt_data(out_dir, tmp_path):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"this is not a zip archive")
+    assert_one_line_error(run_cli("--data", str(corrupt), "--out", out_dir), "corrupt.npz", "not a readable .npz")
+
+
+def test_too_few_images(out_dir, tmp_path):
+    small = tmp_path / "small.npz"
+    np.savez(small, x=np.zeros((5, 32, 32, 3), dtype=np.uint8), y=np.arange(5))
+    assert_one_line_error(run_cli("--data", str(small), "--out", out_dir, "--batch-size", "16"),
+                          "5 images", "--batch-size")
+
+
+def test_unknown_space(out_dir):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--space", "nb999"),
+                          "unknown search space 'nb999'", "nb201")
+
+
+@pytest.mark.parametrize("option, value, smallest", [("--max-params", "50k", "73,306"), ("--max-flops", "1M", "7,783,040")])
+def test_unreachable_cost_limit(out_dir, option, value, smallest):
+    # The smallest NB201 network (no convolution in the cell) has 73,306 params and 7,783,040 FLOPs at 10 classes.
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, option, value), option, smallest)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--max-params", "0"), ("--max-flops", "-3M"), ("--max-latency-ms", "0"), ("--max-power-w", "-1"),
+     ("--max-energy-mj", "0")],
+)
+def test_non_positive_limits(out_dir, option, value):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, f"{option}={value}"), option)
+
+
+def test_finalists_above_budget(out_dir):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--budget", "4", "--finalists", "5"),
+                          "--finalists (5)", "--budget (4)")
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", str(blocker / "out")), "cannot write")
+
+
+def test_power_limit_without_power_meter(out_dir):
+    # This machine has neither jtop nor INA3221 rails, so a power limit cannot be checked.
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--max-power-w", "5"),
+                          "--max-power-w", "cannot be measured")
+
+
+def test_latency_limit_no_finalist_meets(shared_cache, out_dir):
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--budget", "2", "--finalists", "1",
+                     "--batch-size", "8", "--max-latency-ms", "0.0001", "--cache", shared_cache)
+    assert_one_line_error(result, "--max-latency-ms", "the fastest of the 1 finalists takes")
+
+
+def test_aggregator_wrong_format(out_dir, tmp_path):
+    wrong = tmp_path / "aggregator.json"
+    wrong.write_text('{"not": "an aggregator"}')
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--aggregator", str(wrong)),
+                          str(wrong), "not an edge-nas aggregator file")
+
+
+def test_aggregator_not_json(out_dir, tmp_path):
+    wrong = tmp_path / "aggregator.json"
+    wrong.write_text("weights: 1, 2")
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--aggregator", str(wrong)),
+                          "not valid JSON")
+
+
+def test_aggregator_of_other_space(out_dir, tmp_path):
+    from models.aggregation import Aggregator
+
+    path = tmp_path / "mbv2.json"
+    Aggregator(name="fgnas", space="mbv2").save(path)
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--aggregator", str(path)),
+                          "'mbv2'", "'nb201'")
+
+
+def test_aggregator_of_other_aggregate(out_dir, tmp_path):
+    from models.aggregation import label_free_aggregator
+
+    path = tmp_path / "forward.json"
+    label_free_aggregator("fgnas-forward").save(path)
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--aggregator", str(path)),
+                          "'fgnas-forward'", "'fgnas'")
+
+
+def test_registered_in_edge_nas_group():
+    from edge_runtime.cli import main
+
+    assert "personalize" in main.commands
+
+
+def test_unusable_cache_path(out_dir, tmp_path):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--cache", str(tmp_path)),
+                          "cannot open the score cache", "--cache")
