@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--proxies", default=",".join(PUBLISHED_COLUMNS))
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
-    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "benchmark-cache.sqlite")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-nas" / "benchmark.sqlite")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 

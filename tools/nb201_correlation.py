@@ -305,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reference-archs", type=int, default=100, help="architectures timed for forward+backward")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder with data/nb201 and data/images")
-    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "benchmark-cache.sqlite")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-nas" / "benchmark.sqlite")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_scatter_*.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
