@@ -91,6 +91,27 @@ class BrokerSettings:
             raise EdgeNasError(f"the password file {path} is empty; write the password on its first line")
         return lines[0]
 
+    def login(self) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+        """Return (user name, password, CA file) after checking that they fit together and the files exist.
+
+        Raises EdgeNasError for a bad URL, an unreadable password or CA file, a password
+        without a user name, or a CA file with an mqtt:// URL.
+        """
+        address = self.address
+        username = self.user_name()
+        password = self.read_password()
+        if password is not None and not username:
+            raise EdgeNasError("a password file needs a user name: pass --username or write it in the URL")
+        ca_file = None
+        if self.ca_file is not None:
+            if not address.tls:
+                raise EdgeNasError("--ca-file needs an mqtts:// broker URL; the mqtt:// scheme does not use TLS")
+            ca_path = Path(self.ca_file).expanduser()
+            if not ca_path.is_file():
+                raise EdgeNasError(f"the CA file {ca_path} does not exist; pass the broker's CA certificate with --ca-file")
+            ca_file = str(ca_path)
+        return username, password, ca_file
+
 
 def create_mqtt_client(
     client_id: str,
@@ -103,11 +124,7 @@ def create_mqtt_client(
     Raises EdgeNasError for a bad URL, an unreadable password or CA file, or a password
     without a user name.
     """
-    address = settings.address
-    username = settings.user_name()
-    password = settings.read_password()
-    if password is not None and not username:
-        raise EdgeNasError("a password file needs a user name: pass --username or write it in the URL")
+    username, password, ca_file = settings.login()
     client = mqtt.Client(
         callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -115,16 +132,8 @@ def create_mqtt_client(
     )
     if username:
         client.username_pw_set(username, password)
-    if address.tls:
-        ca_file = None
-        if settings.ca_file is not None:
-            ca_path = Path(settings.ca_file).expanduser()
-            if not ca_path.is_file():
-                raise EdgeNasError(f"the CA file {ca_path} does not exist; pass the broker's CA certificate with --ca-file")
-            ca_file = str(ca_path)
+    if settings.address.tls:
         client.tls_set(ca_certs=ca_file)
-    elif settings.ca_file is not None:
-        raise EdgeNasError("--ca-file needs an mqtts:// broker URL; the mqtt:// scheme does not use TLS")
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -353,11 +362,17 @@ class AggregatorStore:
 
 
 def default_state_dir() -> Path:
-    """`$EDGE_NAS_CLOUD_STATE`, else `~/.cache/edge-nas/cloud`: the outbox and the received aggregators."""
+    """Return the folder of the outbox and the received aggregators.
+
+    It is `$EDGE_NAS_CLOUD_STATE`, else `$XDG_CACHE_HOME/edge-nas/cloud`, else
+    `~/.cache/edge-nas/cloud`, the same cache root as the score cache.
+    """
     configured = os.environ.get("EDGE_NAS_CLOUD_STATE")
     if configured:
         return Path(configured).expanduser()
-    return Path("~/.cache/edge-nas/cloud").expanduser()
+    cache_root = os.environ.get("XDG_CACHE_HOME")
+    base = Path(cache_root).expanduser() if cache_root else Path("~/.cache").expanduser()
+    return base / "edge-nas" / "cloud"
 
 
 def default_device_id() -> str:
@@ -490,18 +505,20 @@ class CloudClient:
         batch_size: int = 64,
         proxy_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        width_mult: Optional[float] = None,
     ) -> CloudOutcome:
         """Send one request of gradient proxies and wait for its result until `timeout_s` passes.
 
         `data` is a descriptor from `cloud_sync.protocol` (`describe_none`, `describe_summary`
-        or `describe_raw`). Returns a CloudResult, or a CloudFallback when no broker is
-        reachable, the deadline passes, or the coordinator rejects the request. A result
-        that an earlier run already received for the same content returns at once.
+        or `describe_raw`). `width_mult` is the width multiplier of a space that takes one.
+        Returns a CloudResult, or a CloudFallback when no broker is reachable, the deadline
+        passes, or the coordinator rejects the request. A result that an earlier run already
+        received for the same content returns at once.
         """
         started = time.monotonic()
         request_id = self.submit(
             space, archs, proxies, data, num_classes=num_classes, input_size=input_size, seed=seed,
-            batch_size=batch_size, proxy_options=proxy_options, timeout_s=timeout_s,
+            batch_size=batch_size, proxy_options=proxy_options, timeout_s=timeout_s, width_mult=width_mult,
         )
         outcome = self.wait([request_id], timeout_s - (time.monotonic() - started))[request_id]
         if isinstance(outcome, CloudFallback):
@@ -521,6 +538,7 @@ class CloudClient:
         batch_size: int = 64,
         proxy_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        width_mult: Optional[float] = None,
     ) -> str:
         """Store a request in the outbox, send it if connected, and return its request id.
 
@@ -528,7 +546,7 @@ class CloudClient:
         """
         body = protocol.request_body(
             space, num_classes, input_size, archs, proxies, data,
-            seed=seed, batch_size=batch_size, proxy_options=proxy_options,
+            seed=seed, batch_size=batch_size, proxy_options=proxy_options, width_mult=width_mult,
         )
         request_id = protocol.make_request_id(self.device_id, body)
         deadline = time.time() + max(0.0, timeout_s)
@@ -766,6 +784,37 @@ def _result_from_payload(payload: Mapping[str, Any], *, round_trip_s: float, sen
 
 # The seam of edge_runtime.personalize ------------------------------------------------
 
+# Bytes of a request left for everything but the descriptor's arrays: the envelope, the
+# summary's lists of numbers and the proxy names. The architecture strings are added per request.
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+# Values (images x 3 x H x W) that a summary reads from the dataset at most: 512 images at
+# 64x64, about 50 MB in float64 for the principal component analysis on the device. When
+# fewer images than the probe batch fit (41 at 224x224), the summary describes the probe batch.
+MAX_SUMMARY_VALUES = 512 * 3 * 64 * 64
+DEFAULT_AGGREGATOR_WAIT_S = 2.0
+
+
+def _base64_bytes(raw_bytes: int) -> int:
+    return 4 * ((raw_bytes + 2) // 3)
+
+
+def fitting_summary_components(input_size: int, archs: Sequence[str]) -> int:
+    """Return how many principal components a summary at `input_size` may carry within the message limit (0 if none)."""
+    pixels = 3 * input_size * input_size
+    room = protocol.MAX_MESSAGE_BYTES - REQUEST_OVERHEAD_BYTES - sum(len(arch) + 4 for arch in archs)
+    room -= _base64_bytes(4 * pixels)  # the float32 mean image
+    if room <= 0:
+        return 0
+    # The components travel as one float16 array.
+    return max(0, min(protocol.DEFAULT_SUMMARY_COMPONENTS, room * 3 // 4 // (2 * pixels)))
+
+
+def fitting_raw_images(input_size: int, archs: Sequence[str]) -> int:
+    """Return how many float32 images at `input_size` a raw descriptor may carry within the message limit."""
+    per_image = _base64_bytes(4 * 3 * input_size * input_size) + 8  # the image and its int64 label
+    room = protocol.MAX_MESSAGE_BYTES - REQUEST_OVERHEAD_BYTES - sum(len(arch) + 4 for arch in archs)
+    return max(0, room // per_image)
+
 
 def describe_data(
     share: str,
@@ -776,6 +825,7 @@ def describe_data(
     data_hash: str = "",
     seed: int = 0,
     raw_images: int = protocol.DEFAULT_RAW_IMAGES,
+    components: int = protocol.DEFAULT_SUMMARY_COMPONENTS,
 ) -> Dict[str, Any]:
     """Build the descriptor of `share` for probe inputs (array or tensor N x 3 x H x W, normalised) and labels."""
     if share == protocol.SHARE_NONE:
@@ -783,7 +833,9 @@ def describe_data(
     images = _as_numpy(inputs).astype(np.float32)
     label_array = _as_numpy(labels).astype(np.int64)
     if share == protocol.SHARE_SUMMARY:
-        return protocol.describe_summary(images, label_array, num_classes, seed=seed, data_hash=data_hash)
+        return protocol.describe_summary(
+            images, label_array, num_classes, components=components, seed=seed, data_hash=data_hash
+        )
     if share == protocol.SHARE_RAW:
         return protocol.describe_raw(images, label_array, num_classes, max_images=raw_images, data_hash=data_hash)
     raise EdgeNasError(f"unknown --share policy {share!r}; expected one of {', '.join(protocol.SHARE_POLICIES)}")
@@ -804,8 +856,13 @@ class CloudGradientSource:
     "local" after a fallback: personalize writes it to subnet.json as `gradient_source`.
     `outcome` keeps the CloudResult or CloudFallback of the last call.
 
-    `dataset`, when given, is the personal `ImageDataset`: a summary then describes up to
-    `summary_images` of its images instead of the probe batch alone.
+    The personal `ImageDataset`, given here as `dataset` or carried by the request, lets a
+    summary describe up to `summary_images` of its images instead of the probe batch alone.
+    A descriptor is cut to fit the message limit: a summary keeps fewer principal
+    components, a raw share fewer images. When not even that fits, the source falls back.
+
+    `fetch_aggregator(space)` returns the last good aggregator received from the cloud, which
+    personalize uses when the caller gives none.
     """
 
     name = "cloud"
@@ -822,14 +879,16 @@ class CloudGradientSource:
         resend_interval_s: float = DEFAULT_RESEND_INTERVAL_S,
         raw_images: int = protocol.DEFAULT_RAW_IMAGES,
         summary_images: int = protocol.DEFAULT_SUMMARY_IMAGES,
+        aggregator_wait_s: float = DEFAULT_AGGREGATOR_WAIT_S,
         dataset: Any = None,
         fallback: Optional[Callable[[Any], Mapping[str, Mapping[str, Any]]]] = None,
     ) -> None:
         if share not in protocol.SHARE_POLICIES:
             raise EdgeNasError(f"unknown --share policy {share!r}; expected one of {', '.join(protocol.SHARE_POLICIES)}")
         self.settings = broker if isinstance(broker, BrokerSettings) else BrokerSettings(broker)
-        self.settings.address  # a bad URL fails here, before the search starts
-        self.device_id = device_id
+        # A bad URL, device id or credential file fails here, before the search starts.
+        self.settings.login()
+        self.device_id = protocol.check_id(device_id, "device id") if device_id is not None else None
         self.state_dir = state_dir
         self.share = share
         self.timeout_s = timeout_s
@@ -837,27 +896,46 @@ class CloudGradientSource:
         self.resend_interval_s = resend_interval_s
         self.raw_images = raw_images
         self.summary_images = summary_images
+        self.aggregator_wait_s = aggregator_wait_s
         self.dataset = dataset
         self.fallback = fallback
         self.outcome: Optional[CloudOutcome] = None
+
+    def _client(self) -> CloudClient:
+        return CloudClient(
+            self.settings, device_id=self.device_id, state_dir=self.state_dir,
+            connect_timeout_s=self.connect_timeout_s, resend_interval_s=self.resend_interval_s,
+        )
 
     def __call__(self, request: Any) -> Dict[str, Dict[str, Any]]:
         from models.proxies import ProxyResult
 
         space = request.space
         protocol_record = request.protocol
+        started = time.monotonic()
         descriptor = self._descriptor(request)
-        with CloudClient(
-            self.settings, device_id=self.device_id, state_dir=self.state_dir,
-            connect_timeout_s=self.connect_timeout_s, resend_interval_s=self.resend_interval_s,
-        ) as client:
-            self.outcome = client.request_gradients(
-                space.name, list(request.archs), list(request.proxies), descriptor,
-                num_classes=space.num_classes, input_size=space.input_size,
-                seed=protocol_record.seed, batch_size=protocol_record.batch_size,
-                proxy_options=protocol_record.proxy_options, timeout_s=self.timeout_s,
+        if descriptor is None:
+            self.outcome = CloudFallback(
+                f"a {self.share} share of {space.input_size}x{space.input_size} inputs does not fit the "
+                f"{protocol.MAX_MESSAGE_BYTES // (1024 * 1024)} MiB message limit; use --share none or a smaller --input-size"
             )
+            logger.warning("%s; computing locally", self.outcome.reason)
+        else:
+            with self._client() as client:
+                try:
+                    self.outcome = client.request_gradients(
+                        space.name, list(request.archs), list(request.proxies), descriptor,
+                        num_classes=space.num_classes, input_size=space.input_size,
+                        seed=protocol_record.seed, batch_size=protocol_record.batch_size,
+                        proxy_options=protocol_record.proxy_options, timeout_s=self.timeout_s,
+                        width_mult=getattr(space, "width_mult", None),
+                    )
+                except ProtocolError as error:
+                    self.outcome = CloudFallback(f"the request cannot be sent: {error}")
+                    logger.warning("%s; computing locally", self.outcome.reason)
+        # The client has logged the reason of its own fallbacks (no broker, deadline, error result).
         if isinstance(self.outcome, CloudFallback):
+            self.outcome.elapsed_s = time.monotonic() - started
             self.name = "local"
             fallback = self.fallback
             if fallback is None:
@@ -879,17 +957,68 @@ class CloudGradientSource:
                     converted[arch][proxy] = ProxyResult(None, False, str(entry.get("reason", "")), details)
         return converted
 
-    def _descriptor(self, request: Any) -> Dict[str, Any]:
+    def fetch_aggregator(self, space: str) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """Return (file, metadata) of the last good aggregator of `space` received from the cloud, or None.
+
+        With a reachable broker, this waits up to `aggregator_wait_s` for the retained
+        aggregator and stores a newer one. Without a broker, it returns the one stored in the
+        state folder by an earlier run.
+        """
+        with self._client() as client:
+            path = client.fetch_aggregator(space, timeout_s=self.aggregator_wait_s)
+            metadata = client.aggregators.metadata(space) if path is not None else None
+        if path is None:
+            return None
+        return path, dict(metadata or {})
+
+    def describe(self) -> Dict[str, Any]:
+        """Describe the last call for subnet.json: broker, share policy, and the result or the fallback reason."""
+        described: Dict[str, Any] = {"broker": self.settings.address.url, "share": self.share, "timeout_s": self.timeout_s}
+        outcome = self.outcome
+        if isinstance(outcome, CloudResult):
+            described.update(
+                request_id=outcome.request_id,
+                coordinator=outcome.coordinator,
+                probe=dict(outcome.probe),
+                round_trip_s=outcome.round_trip_s,
+                sends=outcome.sends,
+                from_outbox=outcome.from_outbox,
+            )
+        elif isinstance(outcome, CloudFallback):
+            described.update(request_id=outcome.request_id, fallback_reason=outcome.reason, elapsed_s=outcome.elapsed_s)
+        return described
+
+    def _descriptor(self, request: Any) -> Optional[Dict[str, Any]]:
+        """Build the data descriptor of the request, cut to fit the message limit; None when it cannot fit."""
         space = request.space
+        size = space.input_size
         data_hash = getattr(request.protocol, "data_hash", "")
-        if self.share == protocol.SHARE_SUMMARY and self.dataset is not None and len(self.dataset) > len(request.labels):
-            count = min(len(self.dataset), self.summary_images)
-            chosen = np.sort(np.random.default_rng(request.protocol.seed).choice(len(self.dataset), count, replace=False))
-            inputs = self.dataset.to_tensor(chosen, size=space.input_size)
-            labels = self.dataset.labels[chosen]
-        else:
-            inputs, labels = request.inputs, request.labels
+        components = protocol.DEFAULT_SUMMARY_COMPONENTS
+        raw_images = self.raw_images
+        if self.share == protocol.SHARE_SUMMARY:
+            components = fitting_summary_components(size, request.archs)
+            if components < 1:
+                return None
+            if components < protocol.DEFAULT_SUMMARY_COMPONENTS:
+                logger.info("the summary keeps %d principal components to fit the message limit at %dx%d inputs",
+                            components, size, size)
+        elif self.share == protocol.SHARE_RAW:
+            raw_images = min(self.raw_images, fitting_raw_images(size, request.archs))
+            if raw_images < 2:  # the gradient proxies compare samples
+                return None
+            if raw_images < min(self.raw_images, len(request.labels)):
+                logger.warning("the raw share carries %d images, not %d, to fit the message limit at %dx%d inputs",
+                               raw_images, min(self.raw_images, len(request.labels)), size, size)
+
+        dataset = self.dataset if self.dataset is not None else getattr(request, "dataset", None)
+        inputs, labels = request.inputs, request.labels
+        if self.share == protocol.SHARE_SUMMARY and dataset is not None:
+            count = min(len(dataset), self.summary_images, max(2, MAX_SUMMARY_VALUES // (3 * size * size)))
+            if count > len(request.labels):
+                chosen = np.sort(np.random.default_rng(request.protocol.seed).choice(len(dataset), count, replace=False))
+                inputs = dataset.to_tensor(chosen, size=size)
+                labels = dataset.labels[chosen]
         return describe_data(
             self.share, inputs, labels, space.num_classes,
-            data_hash=data_hash, seed=request.protocol.seed, raw_images=self.raw_images,
+            data_hash=data_hash, seed=request.protocol.seed, raw_images=raw_images, components=components,
         )

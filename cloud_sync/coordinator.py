@@ -178,9 +178,15 @@ class Coordinator:
     def _space(self, described: Mapping[str, Any]) -> Any:
         from models.spaces import get_space
 
-        key = (described["name"], described["num_classes"], described["input_size"])
+        width_mult = described.get("width_mult")
+        key = (described["name"], described["num_classes"], described["input_size"], width_mult)
         if key not in self._spaces:
-            self._spaces[key] = get_space(key[0], num_classes=key[1], input_size=key[2])
+            options: Dict[str, Any] = {"num_classes": key[1], "input_size": key[2]}
+            if width_mult is not None:
+                if not hasattr(get_space(key[0]), "width_mult"):
+                    raise EdgeNasError(f"search space {key[0]!r} takes no width multiplier, but the request names {width_mult:g}")
+                options["width_mult"] = width_mult
+            self._spaces[key] = get_space(key[0], **options)
         return self._spaces[key]
 
     def probe_batch(self, request: Mapping[str, Any]) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:

@@ -36,6 +36,8 @@ MAX_ARCH_CHARS = 2048
 MAX_PROXIES = 32
 MAX_BATCH_SIZE = 1024
 MAX_INPUT_SIZE = 512
+# The largest width multiplier a request may name; MobileNetV2's published models use at most 1.4.
+MAX_WIDTH_MULT = 4.0
 MAX_CLASSES = 100000
 MAX_REASON_CHARS = 2000
 
@@ -303,6 +305,9 @@ def _validate_request(message: Mapping[str, Any]) -> None:
     _check_space_name(_field(space, "name", str))
     num_classes = _int_field(space, "num_classes", 1, MAX_CLASSES)
     input_size = _int_field(space, "input_size", 1, MAX_INPUT_SIZE)
+    width_mult = _field(space, "width_mult", (int, float), optional=True)
+    if width_mult is not None and not (math.isfinite(width_mult) and 0 < width_mult <= MAX_WIDTH_MULT):
+        raise ProtocolError(f"field 'width_mult' must be above 0 and at most {MAX_WIDTH_MULT:g}, got {width_mult!r}")
     _string_list(message, "archs", MAX_ARCHS, MAX_ARCH_CHARS)
     _string_list(message, "proxies", MAX_PROXIES, 64)
     _field(message, "seed", int)
@@ -416,10 +421,18 @@ def request_body(
     seed: int = 0,
     batch_size: int = 64,
     proxy_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    width_mult: Optional[float] = None,
 ) -> Dict[str, Any]:
-    """Build the content of a gradient request: everything that changes the result, nothing that differs per send."""
+    """Build the content of a gradient request: everything that changes the result, nothing that differs per send.
+
+    `width_mult` is sent only for a space that takes a width multiplier (MobileNetV2), so the
+    request ids of other spaces do not change.
+    """
+    described_space: Dict[str, Any] = {"name": space, "num_classes": int(num_classes), "input_size": int(input_size)}
+    if width_mult is not None:
+        described_space["width_mult"] = float(width_mult)
     return {
-        "space": {"name": space, "num_classes": int(num_classes), "input_size": int(input_size)},
+        "space": described_space,
         "archs": list(archs),
         "proxies": list(proxies),
         "seed": int(seed),

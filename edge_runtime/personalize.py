@@ -8,7 +8,8 @@
 3. keep the best `finalists` by that forward-only ranking;
 4. compute the gradient proxies of the finalists through a gradient source (here by default,
    or a cloud client that the caller passes in);
-5. aggregate every proxy over the finalists;
+5. aggregate every proxy over the finalists, with the aggregator file given, else the last one
+   the gradient source received from the cloud, else the label-free aggregator;
 6. export each finalist to ONNX and measure its latency and power on this machine;
 7. drop finalists over the latency, power and energy limits, choose the best-scored one left,
    and write model.onnx, subnet.json and report.md (with a plot) into the output folder.
@@ -26,7 +27,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import edge_runtime
 from edge_runtime.atomic import ensure_writable_dir, write_bytes_atomic, write_text_atomic
@@ -39,9 +40,9 @@ from edge_runtime.power import PowerMeter, PowerSummary, open_power_meter
 from edge_runtime.score_cache import ScoreCache, default_cache_path
 from edge_runtime.scoring import ScoringProtocol, score_archs
 from edge_runtime.search import STRATEGIES, Candidate, CostLimits, run_search
-from models.errors import EdgeNasError
+from models.errors import EdgeNasError, InvalidArchitectureError
 from models.proxies import ProxyResult
-from models.spaces import get_space
+from models.spaces import get_space, list_spaces
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,14 @@ class GradientRequest:
     labels: Any
     cache: Optional[ScoreCache] = None
     progress: bool = True
+    # The personal ImageDataset, from which a cloud source may summarise more images than the probe batch.
+    dataset: Any = None
 
 
 # A gradient source maps a request to {architecture string: {proxy: ProxyResult}}. It has a
-# `name` attribute, written to subnet.json as `gradient_source` ("local" or "cloud").
+# `name` attribute, written to subnet.json as `gradient_source` ("local" or "cloud"). It may
+# also have `fetch_aggregator(space_name)`, returning (file, metadata) of the last good
+# aggregator received from the cloud or None, and `describe()`, a dict for subnet.json.
 GradientSource = Callable[[GradientRequest], Mapping[str, Mapping[str, ProxyResult]]]
 
 
@@ -160,6 +165,7 @@ class PersonalizeResult:
             "latency_ms": measurements["latency"],
             "power": measurements["power"],
             "gradient_source": self.subnet["gradient_source"],
+            "aggregator": self.subnet["aggregation"]["aggregator_source"],
             "candidates_scored": self.candidates_scored,
             "finalists": len(self.finalists),
             "stage_seconds": dict(self.stage_seconds),
@@ -212,6 +218,8 @@ def personalize(
     out_dir: Union[str, Path],
     *,
     space: str = "nb201",
+    input_size: Optional[int] = None,
+    width_mult: Optional[float] = None,
     max_params: Optional[int] = None,
     max_flops: Optional[int] = None,
     max_latency_ms: Optional[float] = None,
@@ -236,6 +244,11 @@ def personalize(
         data: a path (.npz or image folder), a built-in sample name such as "sklearn-digits",
             or a loaded `ImageDataset`.
         out_dir: the folder that receives model.onnx, subnet.json, report.md and the plot.
+        space: the search space: "nb201", "mobilenetv2", "autoformer-tiny", "autoformer-small"
+            or "autoformer-base".
+        input_size: the network's input resolution in pixels; None takes the space's own (32
+            for nb201, 224 for the others). Images of another size are resized to it.
+        width_mult: the width multiplier of a space that has one (mobilenetv2); None keeps 1.0.
         max_params, max_flops: limits checked on the encoding before any network is built.
         max_latency_ms: limit on the p50 latency of one image, measured with onnxruntime.
         max_power_w, max_energy_mj: limits on mean board power while the model runs and on
@@ -244,10 +257,12 @@ def personalize(
             proxies and the measurement.
         search: "random" or "evolution" (regularised evolution with the forward score as fitness).
         seed: seeds the search, the network weights, the probe batch and the latency input.
-        aggregator: a calibrated aggregator file; without one the aggregation is label-free.
+        aggregator: a calibrated aggregator file. Without one, the last good aggregator that
+            `gradient_source.fetch_aggregator` returns is used, else the aggregation is label-free.
         cache: the score cache (a path or an open cache); None uses the default path. A rerun
             with the same inputs reads its results from there, so an interrupted run resumes.
         gradient_source: computes the finalists' gradient proxies; None computes them here.
+            `cloud_sync.client.CloudGradientSource` gets them from the cloud coordinators.
         power_meter: None opens the first available source (jtop, sysfs, else unavailable).
         progress: progress bars on stderr; None shows them when stderr is a terminal.
 
@@ -281,12 +296,15 @@ def personalize(
             )
 
         with _stage(stage_seconds, "load"):
-            dataset = data if isinstance(data, ImageDataset) else load_dataset(str(data))
-            search_space = get_space(space, num_classes=dataset.num_classes)
+            space_options = space_settings(space, input_size, width_mult)
+            # An image folder is read at the network's input size, so its images are resized once.
+            dataset = data if isinstance(data, ImageDataset) else load_dataset(
+                str(data), image_size=space_options["input_size"]
+            )
+            search_space = build_space(space, dataset.num_classes, space_options)
             limits.cost_limits().check(search_space)
-            loaded_aggregator = None
-            if aggregator:
-                loaded_aggregator = ranking.load_aggregator(aggregator, search_space.name)
+            loaded_aggregator, aggregator_record = _load_aggregator(ranking, aggregator, search_space.name, gradient_source)
+            if loaded_aggregator is not None:
                 ranking = ranking.including(getattr(loaded_aggregator, "proxies", ()))
             inputs, labels = dataset.probe_batch(batch_size, seed=seed, size=search_space.input_size)
             protocol = ScoringProtocol(
@@ -296,6 +314,7 @@ def personalize(
                 data_hash=dataset.data_hash,
                 batch_size=batch_size,
                 seed=seed,
+                space_options=_network_options(search_space),
             )
         logger.info("loaded %s: %d images, %d classes, data hash %s",
                     dataset.name, len(dataset), dataset.num_classes, dataset.data_hash)
@@ -318,6 +337,7 @@ def personalize(
                     labels=labels,
                     cache=score_cache,
                     progress=progress,
+                    dataset=dataset,
                 )
                 _merge_gradient_results(chosen_finalists, gradient_source(request), request)
             # A cloud source that fell back to local computation renames itself, so read the name after the call.
@@ -338,9 +358,11 @@ def personalize(
 
         write_started = time.perf_counter()
         subnet = _subnet_record(
-            search_space, dataset, chosen, chosen_finalists, limits, protocol, ranking, aggregator,
+            search_space, dataset, chosen, chosen_finalists, limits, protocol, ranking, aggregator_record,
             budget, len(candidates), search, seed, source_name,
         )
+        describe_source = getattr(gradient_source, "describe", None)
+        subnet["gradient_source_details"] = describe_source() if callable(describe_source) else None
         assert chosen.onnx_path is not None
         # subnet.json is removed first and written last, so its presence means the folder is complete.
         _remove_if_present(out_dir / subnet["files"]["subnet"])
@@ -381,6 +403,74 @@ def _check_counts(budget: int, finalists: int, batch_size: int, search: str) -> 
         raise EdgeNasError(f"--batch-size must be at least 2 (proxies compare samples), got {batch_size}")
     if search not in STRATEGIES:
         raise EdgeNasError(f"unknown search strategy {search!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+def space_settings(name: str, input_size: Optional[int], width_mult: Optional[float]) -> Dict[str, Any]:
+    """Check the space name and its options; return the options that `build_space` passes on.
+
+    `input_size` None takes the space's own resolution. `width_mult` is allowed only for a
+    space that has a width multiplier. Raises EdgeNasError naming the option and the fix.
+    """
+    reference = get_space(name)  # an unknown name raises here, listing the known spaces
+    settings: Dict[str, Any] = {"input_size": reference.input_size}
+    if input_size is not None:
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+            raise EdgeNasError(f"--input-size must be a positive number of pixels, got {input_size!r}")
+        settings["input_size"] = input_size
+    if width_mult is not None:
+        if not hasattr(reference, "width_mult"):
+            with_width = [other for other in list_spaces() if hasattr(get_space(other), "width_mult")]
+            raise EdgeNasError(
+                f"search space {name!r} has no width multiplier; --width-mult applies to {', '.join(with_width)} only"
+            )
+        if not (isinstance(width_mult, (int, float)) and math.isfinite(width_mult) and width_mult > 0):
+            raise EdgeNasError(f"--width-mult must be a positive number, got {width_mult!r}")
+        settings["width_mult"] = float(width_mult)
+    return settings
+
+
+def build_space(name: str, num_classes: int, settings: Mapping[str, Any]) -> Any:
+    """Build the search space from `space_settings`; a resolution the network cannot take raises EdgeNasError."""
+    try:
+        return get_space(name, num_classes=num_classes, **settings)
+    except InvalidArchitectureError as error:
+        raise EdgeNasError(
+            f"search space {name!r} cannot be built with --input-size {settings['input_size']}: {error}"
+        ) from None
+
+
+def _network_options(space: Any) -> Dict[str, Any]:
+    """Return the settings besides the input size that shape the space's networks, for the cache key and subnet.json."""
+    return {"width_mult": space.width_mult} if hasattr(space, "width_mult") else {}
+
+
+def _load_aggregator(
+    ranking: ProxyRanking, path: Optional[Union[str, Path]], space_name: str, gradient_source: Any
+) -> Tuple[Any, Dict[str, Any]]:
+    """Load the aggregator file given, else the last good one from the cloud; return it and its record for subnet.json.
+
+    A bad file given by the caller raises EdgeNasError. A received aggregator that this
+    ranking cannot use is skipped with a warning, and the aggregation is label-free.
+    """
+    if path:
+        return ranking.load_aggregator(path, space_name), {"source": "file", "file": str(path), "received": None}
+    label_free: Dict[str, Any] = {"source": "label-free", "file": None, "received": None}
+    fetch = getattr(gradient_source, "fetch_aggregator", None)
+    if not callable(fetch):
+        return None, label_free
+    received = fetch(space_name)
+    if received is None:
+        logger.info("no aggregator of %s has been received from the cloud; aggregating label-free", space_name)
+        return None, label_free
+    received_path, metadata = received
+    try:
+        loaded = ranking.load_aggregator(received_path, space_name)
+    except EdgeNasError as error:
+        logger.warning("cannot use the aggregator received from the cloud (%s): %s; aggregating label-free",
+                       received_path, error)
+        return None, label_free
+    logger.info("using aggregator version %s of %s received from the cloud", metadata.get("version"), space_name)
+    return loaded, {"source": "cloud", "file": str(received_path), "received": dict(metadata)}
 
 
 @contextmanager
@@ -599,7 +689,7 @@ def _subnet_record(
     limits: Limits,
     protocol: ScoringProtocol,
     ranking: ProxyRanking,
-    aggregator: Optional[Union[str, Path]],
+    aggregator: Mapping[str, Any],
     budget: int,
     candidates_scored: int,
     strategy: str,
@@ -613,7 +703,8 @@ def _subnet_record(
     return {
         "format": SUBNET_FORMAT,
         "architecture": chosen.arch,
-        "space": {"name": space.name, "num_classes": space.num_classes, "input_size": size},
+        "space": dict({"name": space.name, "num_classes": space.num_classes, "input_size": size},
+                      **protocol.space_options),
         "params": chosen.params,
         "flops": chosen.flops,
         "proxies": {name: _describe_result(result) for name, result in chosen.proxies.items()},
@@ -622,7 +713,10 @@ def _subnet_record(
         "aggregation": {
             "forward": ranking.forward_name,
             "final": ranking.final_name,
-            "aggregator": str(aggregator) if aggregator else None,
+            # The aggregator file (None when label-free), where it came from, and the cloud's metadata of it.
+            "aggregator": aggregator["file"],
+            "aggregator_source": aggregator["source"],
+            "aggregator_received": aggregator["received"],
             "population": "finalists",
         },
         "measurements": measurements,

@@ -81,6 +81,7 @@ def _chosen_lines(subnet: Dict[str, Any], finalists: Sequence["Finalist"], chose
         f"{latency['execution_provider']}, onnxruntime {latency['onnxruntime_version']})",
         f"- power: {_power_line(power, subnet['measurements']['energy_per_inference_mj'])}",
         f"- gradient proxies computed: {subnet['gradient_source']}",
+        f"- aggregator: {describe_aggregator(subnet['aggregation'])}",
         f"- data: {subnet['data']['source']} ({subnet['data']['images']} images, hash {subnet['data_hash']})",
         "",
         "`model.onnx` holds the untrained network with its seeded initial weights: the search is",
@@ -90,6 +91,18 @@ def _chosen_lines(subnet: Dict[str, Any], finalists: Sequence["Finalist"], chose
         f"mean {_triple(preprocessing['mean'])} and std {_triple(preprocessing['std'])}.",
         "",
     ]
+
+
+def describe_aggregator(aggregation: Dict[str, Any]) -> str:
+    """Describe in words which aggregator weighted the proxies: label-free, a file, or one received from the cloud."""
+    source = aggregation.get("aggregator_source")
+    if source == "cloud":
+        received = aggregation.get("aggregator_received") or {}
+        return (f"received from the cloud (version {received.get('version')}, from {received.get('sender')}), "
+                f"stored at {aggregation['aggregator']}")
+    if source == "file":
+        return f"calibrated, from {aggregation['aggregator']}"
+    return "label-free (no calibrated aggregator)"
 
 
 def _constraint_lines(constraints: Dict[str, Any]) -> List[str]:

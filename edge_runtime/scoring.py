@@ -29,19 +29,25 @@ class ScoringProtocol:
     seed: int
     code_version: str = edge_runtime.__version__
     proxy_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Options that shape the networks besides the input size, such as MobileNetV2's width_mult.
+    space_options: Dict[str, Any] = field(default_factory=dict)
 
     def key_for(self, proxy: str) -> str:
         options = get_proxy(proxy).default_options()
         options.update(self.proxy_options.get(proxy, {}))
-        return protocol_key(
-            num_classes=self.num_classes,
-            input_size=self.input_size,
-            data=self.data_hash,
-            batch=self.batch_size,
-            seed=self.seed,
-            version=self.code_version,
-            options=options,
-        )
+        fields: Dict[str, Any] = {
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "data": self.data_hash,
+            "batch": self.batch_size,
+            "seed": self.seed,
+            "version": self.code_version,
+            "options": options,
+        }
+        # Added only when set, so the keys of spaces without such options stay as they were.
+        if self.space_options:
+            fields["space_options"] = dict(self.space_options)
+        return protocol_key(**fields)
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -52,6 +58,7 @@ class ScoringProtocol:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "code_version": self.code_version,
+            "space_options": dict(self.space_options),
             "proxy_options": {
                 name: {**get_proxy(name).default_options(), **self.proxy_options.get(name, {})}
                 for name in self.proxy_options

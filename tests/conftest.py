@@ -21,5 +21,6 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own score cache, never the user's."""
+    """Every test gets its own score cache and cloud state folder, never the user's."""
     monkeypatch.setenv("EDGE_NAS_CACHE", str(tmp_path / "scores.sqlite"))
+    monkeypatch.setenv("EDGE_NAS_CLOUD_STATE", str(tmp_path / "cloud-state"))

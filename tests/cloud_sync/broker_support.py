@@ -1,4 +1,4 @@
-"""Test support for the MQTT tests: a real Mosquitto process, a torch-free fake coordinator, the documented ACL."""
+"""Test support for the MQTT tests: a real Mosquitto process, coordinators (a real one and a torch-free fake), the documented ACL."""
 from __future__ import annotations
 
 import getpass
@@ -162,3 +162,35 @@ class FakeCoordinator:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class RunningCoordinator:
+    """`cloud_sync.coordinator.serve` on a thread of the test process, stopped by `close`.
+
+    The coordinator (and with it torch) is imported only when one starts, so this module stays
+    importable without torch.
+    """
+
+    def __init__(self, url, coordinator_id, **options):
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.result = {}
+        self.thread = threading.Thread(
+            target=self._run, args=(url, coordinator_id, options), name=f"coordinator-{coordinator_id}", daemon=True
+        )
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError(f"coordinator {coordinator_id} did not subscribe within 10 s")
+
+    def _run(self, url, coordinator_id, options):
+        from cloud_sync.coordinator import serve
+
+        self.result["coordinator"] = serve(
+            url, coordinator_id=coordinator_id, stop=self.stop, ready=self.ready, threads=1,
+            poll_interval_s=0.1, **options,
+        )
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        return self.result.get("coordinator")

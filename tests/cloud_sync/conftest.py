@@ -7,7 +7,7 @@ from typing import List
 
 import pytest
 
-from broker_support import MOSQUITTO_CANDIDATES, Broker, FakeCoordinator, find_program
+from broker_support import MOSQUITTO_CANDIDATES, Broker, FakeCoordinator, RunningCoordinator, find_program
 
 
 @pytest.fixture(scope="session")
@@ -106,4 +106,19 @@ def fake_coordinator():
 
     yield factory
     for instance in started:
+        instance.close()
+
+
+@pytest.fixture
+def start_coordinator():
+    """Start real coordinators (`serve` on threads; they import torch), stopped after the test."""
+    running: List[RunningCoordinator] = []
+
+    def start(url, coordinator_id="coord-a", **options):
+        instance = RunningCoordinator(url, coordinator_id, **options)
+        running.append(instance)
+        return instance
+
+    yield start
+    for instance in running:
         instance.close()

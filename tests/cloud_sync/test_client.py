@@ -11,7 +11,18 @@ import numpy as np
 import pytest
 
 from cloud_sync import protocol
-from cloud_sync.client import BrokerSettings, CloudResult, CloudClient, CloudFallback, create_mqtt_client, describe_data
+from cloud_sync.client import (
+    BrokerSettings,
+    CloudClient,
+    CloudFallback,
+    CloudGradientSource,
+    CloudResult,
+    create_mqtt_client,
+    default_state_dir,
+    describe_data,
+    fitting_raw_images,
+    fitting_summary_components,
+)
 from models.aggregation import Aggregator, label_free_aggregator
 from models.errors import EdgeNasError
 
@@ -357,3 +368,69 @@ def test_describe_data_share_policies():
     assert raw["images"]["shape"] == [5, 3, 16, 16]
     with pytest.raises(EdgeNasError, match="unknown --share policy"):
         describe_data("all", inputs, labels, 10)
+
+
+def test_descriptor_fits_message_limit_at_224():
+    archs = ["k3e6-" * 20] * 8
+    components = fitting_summary_components(224, archs)
+    assert fitting_summary_components(32, archs) == protocol.DEFAULT_SUMMARY_COMPONENTS
+    assert 1 <= components < protocol.DEFAULT_SUMMARY_COMPONENTS
+    images = np.random.default_rng(0).standard_normal((components + 4, 3, 224, 224)).astype(np.float32)
+    labels = np.arange(len(images)) % 10
+    summary = describe_data("summary", images, labels, 10, components=components)
+    assert len(summary["component_std"]) == components
+    raw = describe_data("raw", images, labels, 10, raw_images=fitting_raw_images(224, archs))
+    for data in (summary, raw):
+        body = protocol.request_body("mobilenetv2", 10, 224, archs[:1], ["fgnas_gi"], data, width_mult=1.0)
+        message = protocol.gradient_request("dev-1", protocol.make_request_id("dev-1", body), body, deadline=None)
+        assert len(protocol.encode_message(message)) <= protocol.MAX_MESSAGE_BYTES
+    # At 512 x 512 the float32 mean image alone is larger than the message limit.
+    assert fitting_summary_components(512, archs) == 0
+
+
+def test_source_falls_back_when_share_cannot_fit(tmp_path):
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fallback(request):
+        calls.append(request)
+        return {arch: {} for arch in request.archs}
+
+    space = SimpleNamespace(name="nb201", num_classes=10, input_size=512)
+    scoring = SimpleNamespace(seed=0, batch_size=4, proxy_options={}, data_hash="")
+    request = SimpleNamespace(space=space, archs=["a"], proxies=["grad_norm"], protocol=scoring,
+                              inputs=np.zeros((4, 3, 512, 512), np.float32), labels=np.zeros(4, np.int64))
+    # No broker listens there: a fallback that tried to connect would report that reason instead.
+    source = CloudGradientSource(f"mqtt://127.0.0.1:{free_port()}", device_id="dev-1", state_dir=tmp_path,
+                                 share="raw", fallback=fallback)
+    assert source(request) == {"a": {}}
+    assert source.name == "local"
+    assert len(calls) == 1
+    assert isinstance(source.outcome, CloudFallback)
+    assert "message limit" in source.outcome.reason
+    assert source.describe()["fallback_reason"] == source.outcome.reason
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"device_id": "a/b"}, "invalid device id"),
+        ({"password_file": "/nonexistent/secret"}, "cannot read the password file"),
+        ({"ca_file": "/nonexistent/ca.crt"}, "--ca-file needs an mqtts://"),
+        ({"share": "everything"}, "unknown --share policy"),
+    ],
+)
+def test_source_rejects_bad_settings_at_once(options, message, tmp_path):
+    broker = BrokerSettings("mqtt://127.0.0.1:1", username="dev-1", password_file=options.pop("password_file", None),
+                            ca_file=options.pop("ca_file", None))
+    with pytest.raises(EdgeNasError, match=message):
+        CloudGradientSource(broker, state_dir=tmp_path, **options)
+
+
+def test_default_state_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGE_NAS_CLOUD_STATE", str(tmp_path / "state"))
+    assert default_state_dir() == tmp_path / "state"
+    monkeypatch.delenv("EDGE_NAS_CLOUD_STATE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_state_dir() == tmp_path / "xdg" / "edge-nas" / "cloud"

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cloud_sync import protocol
 from cloud_sync.client import BrokerSettings, CloudResult, CloudClient, CloudFallback, CloudGradientSource, create_mqtt_client
-from cloud_sync.coordinator import Coordinator, serve
+from cloud_sync.coordinator import Coordinator
 from edge_runtime.cli_cloud import cloud
 from models.errors import EdgeNasError
 from models.proxies.scoring import score_architecture
@@ -33,32 +33,6 @@ PROXIES = ["grad_norm", "snip"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-class RunningCoordinator:
-    """`serve` on a thread of the test process, stopped by the fixture."""
-
-    def __init__(self, url, coordinator_id, **options):
-        self.stop = threading.Event()
-        self.ready = threading.Event()
-        self.result = {}
-        self.thread = threading.Thread(
-            target=self._run, args=(url, coordinator_id, options), name=f"coordinator-{coordinator_id}", daemon=True
-        )
-        self.thread.start()
-        if not self.ready.wait(10):
-            raise RuntimeError(f"coordinator {coordinator_id} did not subscribe within 10 s")
-
-    def _run(self, url, coordinator_id, options):
-        self.result["coordinator"] = serve(
-            url, coordinator_id=coordinator_id, stop=self.stop, ready=self.ready, threads=1,
-            poll_interval_s=0.1, **options,
-        )
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(10)
-        return self.result.get("coordinator")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """One intra-op thread in the test's own thread too: the coordinators here set it only in theirs,
@@ -67,20 +41,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def start_coordinator():
-    running = []
-
-    def start(url, coordinator_id="coord-a", **options):
-        instance = RunningCoordinator(url, coordinator_id, **options)
-        running.append(instance)
-        return instance
-
-    yield start
-    for instance in running:
-        instance.close()
 
 
 def _probe(count=6, size=16, seed=0):

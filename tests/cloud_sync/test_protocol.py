@@ -64,6 +64,18 @@ def test_request_round_trip():
     assert decoded["sender"] == "dev-1"
 
 
+def test_width_mult_sent_only_when_given():
+    plain = protocol.request_body("nb201", 10, 16, [ARCH], ["grad_norm"], protocol.describe_none(10))
+    assert "width_mult" not in plain["space"]
+    body = protocol.request_body("mobilenetv2", 10, 32, ["k3e6"], ["grad_norm"], protocol.describe_none(10), width_mult=0.35)
+    assert body["space"]["width_mult"] == 0.35
+    message = protocol.gradient_request("dev-1", protocol.make_request_id("dev-1", body), body, deadline=None)
+    decoded = protocol.decode_message(protocol.encode_message(message))
+    assert decoded["space"]["width_mult"] == 0.35
+    narrower = protocol.request_body("mobilenetv2", 10, 32, ["k3e6"], ["grad_norm"], protocol.describe_none(10), width_mult=0.5)
+    assert protocol.make_request_id("dev-1", body) != protocol.make_request_id("dev-1", narrower)
+
+
 def test_request_id_depends_on_content_and_device():
     body = protocol.request_body("nb201", 10, 16, [ARCH], ["grad_norm"], protocol.describe_none(10))
     same = protocol.request_body("nb201", 10, 16, [ARCH], ["grad_norm"], protocol.describe_none(10))
@@ -122,6 +134,9 @@ def test_unknown_schema_version_is_rejected():
         ({"seed": 1.5}, "'seed' must be int"),
         ({"batch_size": 0}, "between 1 and"),
         ({"space": {"name": "nb201", "num_classes": 10}}, "missing field 'input_size'"),
+        ({"space": {"name": "mobilenetv2", "num_classes": 10, "input_size": 16, "width_mult": 0}}, "'width_mult' must be above 0"),
+        ({"space": {"name": "mobilenetv2", "num_classes": 10, "input_size": 16, "width_mult": 9.5}}, "at most 4"),
+        ({"space": {"name": "mobilenetv2", "num_classes": 10, "input_size": 16, "width_mult": "wide"}}, "'width_mult' must be"),
         ({"data": {"share": "everything", "num_classes": 10}}, "expected one of"),
         ({"data": {"share": "none", "num_classes": 11}}, "more than the 10 outputs"),
     ],

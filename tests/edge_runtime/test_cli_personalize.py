@@ -187,3 +187,125 @@ def test_registered_in_edge_nas_group():
 def test_unusable_cache_path(out_dir, tmp_path):
     assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, "--cache", str(tmp_path)),
                           "cannot open the score cache", "--cache")
+
+
+# Other search spaces ------------------------------------------------------------------
+
+TINY_MBV2 = ["--space", "mobilenetv2", "--input-size", "32", "--width-mult", "0.35"]
+
+
+def test_cli_mobilenetv2_end_to_end(out_dir, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from models.proxies._context import build_seeded
+    from models.spaces import get_space
+
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, *TINY_MBV2, "--budget", "4", "--finalists", "2",
+                     "--batch-size", "8", "--cache", str(tmp_path / "c.sqlite"), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["space"] == "mobilenetv2"
+    check_outputs(out_dir, summary)
+
+    with open(summary["files"]["subnet"]) as handle:
+        subnet = json.load(handle)
+    assert subnet["space"] == {"name": "mobilenetv2", "num_classes": 10, "input_size": 32, "width_mult": 0.35}
+    assert subnet["preprocessing"]["input_shape"] == [1, 3, 32, 32]
+    space = get_space("mobilenetv2", num_classes=10, input_size=32, width_mult=0.35)
+    arch = space.parse(subnet["architecture"])
+    assert subnet["params"] == space.params(arch)
+
+    # The exported model is the chosen network at the chosen width and resolution.
+    network = build_seeded(lambda: space.build(arch), 0).eval()
+    inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = network(inputs).numpy()
+    session = ort.InferenceSession(summary["files"]["model"], providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"input": inputs.numpy()})
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_autoformer_tiny_end_to_end(out_dir, tmp_path):
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--space", "autoformer-tiny", "--input-size", "32",
+                     "--budget", "2", "--finalists", "1", "--batch-size", "8", "--cache", str(tmp_path / "c.sqlite"),
+                     "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    check_outputs(out_dir, summary)
+    with open(summary["files"]["subnet"]) as handle:
+        subnet = json.load(handle)
+    assert subnet["space"] == {"name": "autoformer-tiny", "num_classes": 10, "input_size": 32}
+    assert all(entry["valid"] for entry in subnet["proxies"].values())
+
+
+def test_unknown_space_lists_all_spaces(out_dir):
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--space", "mobilenetv3")
+    assert_one_line_error(result, "unknown search space 'mobilenetv3'", "mobilenetv2", "autoformer-tiny",
+                          "autoformer-small", "autoformer-base", "nb201")
+
+
+@pytest.mark.parametrize(
+    "space, settings, limit_option, value, cost",
+    [
+        ("mobilenetv2", {"input_size": 32, "width_mult": 0.35}, "--max-params", "1k", "params"),
+        ("mobilenetv2", {}, "--max-flops", "1M", "flops"),
+        ("autoformer-tiny", {}, "--max-params", "100k", "params"),
+        ("autoformer-small", {"input_size": 32}, "--max-flops", "1M", "flops"),
+    ],
+)
+def test_unreachable_cost_limit_other_spaces(out_dir, space, settings, limit_option, value, cost):
+    from models.spaces import get_space
+
+    smallest = get_space(space, num_classes=10, **settings).cost_range()[cost][0]
+    options = [text for key, setting in settings.items() for text in (f"--{key.replace('_', '-')}", str(setting))]
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--space", space, *options, limit_option, value)
+    assert_one_line_error(result, limit_option, f"search space {space!r}", f"{smallest:,}")
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--space", "mobilenetv2", "--input-size", "16"], ["--input-size 16", "at least 32"]),
+        (["--space", "autoformer-tiny", "--input-size", "40"], ["--input-size 40", "multiple of the patch size 16"]),
+        (["--space", "autoformer-tiny", "--width-mult", "0.5"], ["'autoformer-tiny' has no width multiplier", "mobilenetv2"]),
+        (["--space", "nb201", "--width-mult", "0.5"], ["'nb201' has no width multiplier"]),
+        (["--space", "mobilenetv2", "--width-mult", "0"], ["--width-mult must be a positive number"]),
+        (["--space", "mobilenetv2", "--input-size", "0"], ["--input-size must be a positive number of pixels"]),
+    ],
+)
+def test_space_setting_errors(out_dir, options, fragments):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, *options), *fragments)
+
+
+# Cloud options ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--share", "raw"], ["--share applies only with --broker"]),
+        (["--device-id", "dev-1", "--cloud-timeout", "5"], ["--cloud-timeout, --device-id apply only with --broker"]),
+        (["--broker", "http://127.0.0.1:1883"], ["mqtt:// or mqtts://"]),
+        (["--broker", "mqtt://127.0.0.1:1", "--cloud-timeout", "0"], ["--cloud-timeout must be a positive number"]),
+        (["--broker", "mqtt://127.0.0.1:1", "--device-id", "a/b"], ["invalid device id"]),
+        (["--broker", "mqtt://127.0.0.1:1", "--username", "dev-1", "--password-file", "/nonexistent/secret"],
+         ["cannot read the password file"]),
+        (["--broker", "mqtt://127.0.0.1:1", "--ca-file", "/nonexistent/ca.crt"], ["--ca-file needs an mqtts://"]),
+    ],
+)
+def test_cloud_option_errors(out_dir, options, fragments):
+    assert_one_line_error(run_cli("--data", "sklearn-digits", "--out", out_dir, *options), *fragments)
+
+
+def test_device_side_skips_coordinator_module():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import edge_runtime.cli, edge_runtime.cli_personalize, edge_runtime.personalize, cloud_sync.client\n"
+        "assert 'cloud_sync.coordinator' not in sys.modules, 'the device imported the coordinator'\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr

@@ -197,3 +197,58 @@ def test_no_finalist_meets_power_names_lowest():
         choose_finalist(finalists, Limits(max_power_w=5.0))
     with pytest.raises(EdgeNasError, match="6.250 mJ"):
         choose_finalist(finalists, Limits(max_energy_mj=1.0))
+
+
+def test_cache_key_includes_width_mult():
+    from edge_runtime.scoring import ScoringProtocol
+
+    plain = ScoringProtocol("nb201", 10, 32, "hash", 8, 0)
+    narrow = ScoringProtocol("mobilenetv2", 10, 32, "hash", 8, 0, space_options={"width_mult": 0.35})
+    wide = ScoringProtocol("mobilenetv2", 10, 32, "hash", 8, 0, space_options={"width_mult": 1.0})
+    assert "space_options" not in plain.key_for("params")
+    assert narrow.key_for("params") != wide.key_for("params")
+
+
+class FakeCloudSource:
+    """A gradient source that only reports a received aggregator."""
+
+    name = "cloud"
+
+    def __init__(self, received):
+        self.received = received
+        self.fetched = []
+
+    def fetch_aggregator(self, space):
+        self.fetched.append(space)
+        return self.received
+
+
+def test_received_aggregator_used_or_skipped(tmp_path):
+    from edge_runtime.personalize import _load_aggregator
+    from models.aggregation import label_free_aggregator
+
+    ranking = default_ranking()
+    good = tmp_path / "nb201.json"
+    Aggregator(name="fgnas", space="nb201").save(good)
+    wrong_aggregate = tmp_path / "forward.json"
+    label_free_aggregator("fgnas-forward").save(wrong_aggregate)
+
+    loaded, record = _load_aggregator(ranking, None, "nb201", FakeCloudSource((good, {"version": 3})))
+    assert loaded is not None
+    assert record["source"] == "cloud"
+    assert record["file"] == str(good)
+    assert record["received"]["version"] == 3
+
+    loaded, record = _load_aggregator(ranking, None, "nb201", FakeCloudSource((wrong_aggregate, {"version": 4})))
+    assert loaded is None
+    assert record["source"] == "label-free"
+
+    loaded, record = _load_aggregator(ranking, None, "nb201", FakeCloudSource(None))
+    assert loaded is None
+    assert record["source"] == "label-free"
+
+    # A file given by the caller wins, and the cloud is not asked.
+    source = FakeCloudSource((wrong_aggregate, {"version": 5}))
+    loaded, record = _load_aggregator(ranking, good, "nb201", source)
+    assert record == {"source": "file", "file": str(good), "received": None}
+    assert source.fetched == []
