@@ -54,25 +54,24 @@ def proxies_command(as_json: bool) -> None:
         click.echo(f"{spec['name']:<16} {'/'.join(spec['runs_on']):<13} needs: {needs or 'forward pass only':<18} {spec['description']}")
 
 
-def _register_optional_commands() -> None:
+def _register_commands() -> None:
+    from edge_runtime.cli_cloud import cloud
+    from edge_runtime.cli_personalize import personalize
     from edge_runtime.cli_score import score_command
 
     main.add_command(score_command)
-    for module_name, attribute in (
-        ("edge_runtime.cli_personalize", "personalize"),
-        ("edge_runtime.cli_calibrate", "calibrate"),
-        ("edge_runtime.cli_cloud", "cloud"),
-    ):
-        try:
-            module = __import__(module_name, fromlist=[attribute])
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        main.add_command(getattr(module, attribute))
+    main.add_command(personalize)
+    main.add_command(cloud)
+    try:
+        from edge_runtime.cli_calibrate import calibrate
+    except ModuleNotFoundError as error:
+        if error.name != "edge_runtime.cli_calibrate":
+            raise
+    else:
+        main.add_command(calibrate)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 if __name__ == "__main__":

@@ -1,25 +1,13 @@
 """Import every built-in proxy module so that each registers itself."""
 from __future__ import annotations
 
-import importlib
-
-_MODULES = (
-    "models.proxies.cost",
-    "models.proxies.naswot",
-    "models.proxies.grad_norm",
-    "models.proxies.snip",
-    "models.proxies.synflow",
-    "models.proxies.jacob_cov",
-    "models.proxies.zico",
-    "models.proxies.zen",
-    "models.proxies.tenas",
-    "models.proxies.fgnas",
-)
-
-for _name in _MODULES:
-    try:
-        importlib.import_module(_name)
-    except ModuleNotFoundError as _error:
-        # Only a module of this list that does not exist yet is skipped; a missing dependency is re-raised.
-        if _error.name != _name:
-            raise
+import models.proxies.cost  # noqa: F401
+import models.proxies.fgnas  # noqa: F401
+import models.proxies.grad_norm  # noqa: F401
+import models.proxies.jacob_cov  # noqa: F401
+import models.proxies.naswot  # noqa: F401
+import models.proxies.snip  # noqa: F401
+import models.proxies.synflow  # noqa: F401
+import models.proxies.tenas  # noqa: F401
+import models.proxies.zen  # noqa: F401
+import models.proxies.zico  # noqa: F401
