@@ -118,6 +118,7 @@ def run_dataset(
     cache_path: Path,
     shared: Path,
     reference_count: int,
+    aggregator=None,
 ) -> Dict[str, object]:
     from edge_runtime.data import load_dataset
     from edge_runtime.score_cache import ScoreCache
@@ -155,7 +156,7 @@ def run_dataset(
                     columns[name].append(results[name].value)
                     seconds[name].append(float(results[name].details.get("seconds", 0.0)))
             for name in aggregates:
-                columns[name] = _aggregate(name, columns, len(arch_texts))
+                columns[name] = _aggregate(name, columns, len(arch_texts), aggregator)
             rows: Dict[str, Dict[str, object]] = {}
             for name, values in columns.items():
                 truth = [accuracy[a][dataset.accuracy_column] for a in arch_texts[: len(values)]]
@@ -187,7 +188,7 @@ def _expand(proxies: List[str]) -> Tuple[List[str], List[str]]:
     return expand_proxy_names(proxies)
 
 
-def _aggregate(name: str, columns: Dict[str, List[Optional[float]]], count: int) -> List[Optional[float]]:
+def _aggregate(name: str, columns: Dict[str, List[Optional[float]]], count: int, aggregator=None) -> List[Optional[float]]:
     from models.aggregation import aggregate_population
 
     arrays = {
@@ -195,7 +196,7 @@ def _aggregate(name: str, columns: Dict[str, List[Optional[float]]], count: int)
         for proxy, values in columns.items()
         if len(values) >= count
     }
-    scores = aggregate_population(name, arrays)
+    scores = aggregate_population(name, arrays, aggregator if aggregator is not None and aggregator.name == name else None)
     return [float(v) if np.isfinite(v) else None for v in scores]
 
 
@@ -306,6 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reference-archs", type=int, default=100, help="architectures timed for forward+backward")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder with data/nb201 and data/images")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-nas" / "benchmark.sqlite")
+    parser.add_argument("--aggregator", type=Path, default=None, help="calibrated aggregator JSON; its calibration architectures must not be in the sample")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_scatter_*.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -322,12 +324,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
+    aggregator = None
+    if args.aggregator is not None:
+        from models.aggregation import Aggregator
+        from models.errors import EdgeNasError
+
+        try:
+            aggregator = Aggregator.load(args.aggregator, space="nb201")
+            # A correlation over architectures the aggregator was fitted on would overstate its quality.
+            aggregator.check_disjoint(arch_texts)
+        except EdgeNasError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
     started = time.time()
     results = {}
     for name in args.datasets.split(","):
         dataset = DATASETS[name.strip()]
         results[dataset.name] = run_dataset(
-            dataset, arch_texts, accuracy, proxies, limits, seeds, args.batch_size, args.cache, args.shared, args.reference_archs
+            dataset, arch_texts, accuracy, proxies, limits, seeds, args.batch_size, args.cache, args.shared, args.reference_archs,
+            aggregator,
         )
     table = summarise(results, seeds)
     command = "python tools/nb201_correlation.py " + " ".join(sys.argv[1:] if argv is None else argv)
