@@ -935,7 +935,8 @@ class CloudGradientSource:
                     logger.warning("%s; computing locally", self.outcome.reason)
         # The client has logged the reason of its own fallbacks (no broker, deadline, error result).
         if isinstance(self.outcome, CloudFallback):
-            self.outcome.elapsed_s = time.monotonic() - started
+            if not self.outcome.elapsed_s:  # the client's own figure counts from the connection attempt
+                self.outcome.elapsed_s = time.monotonic() - started
             self.name = "local"
             fallback = self.fallback
             if fallback is None:

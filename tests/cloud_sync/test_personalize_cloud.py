@@ -84,7 +84,8 @@ def test_cli_unreachable_broker_falls_back_quickly(tmp_path):
     assert subnet["gradient_source"] == "local"
     details = subnet["gradient_source_details"]
     assert "no broker reachable" in details["fallback_reason"]
-    assert details["elapsed_s"] < 5
+    # Far below the 60 s deadline: the client gave up on the connection, it did not wait the deadline out.
+    assert details["elapsed_s"] < 20
     assert subnet["aggregation"]["aggregator_source"] == "label-free"
     # Far below the 60 s cloud timeout: nothing waited for the deadline.
     assert elapsed < 50
