@@ -327,6 +327,8 @@ class AggregatorStore:
             document = json.loads(content)
         except ValueError as error:
             raise ProtocolError(f"aggregator content is not JSON: {error}") from None
+        except RecursionError:
+            raise ProtocolError("aggregator content is nested too deeply") from None
         if not isinstance(document, dict):
             raise ProtocolError("aggregator content must be a JSON object")
         if document.get("space") != space:

@@ -113,9 +113,11 @@ class Coordinator:
 
         request_id = message["request_id"]
         reply_topic = protocol.result_topic(topic_device)
-        cached = self._results.get(request_id)
+        # Keyed by id and content: a different request that reuses an id is computed, not answered from the store.
+        stored_key = f"{request_id}:{protocol.request_content_digest(message)}"
+        cached = self._results.get(stored_key)
         if cached is not None:
-            self._results.move_to_end(request_id)
+            self._results.move_to_end(stored_key)
             self.repeated += 1
             logger.info("re-publishing the stored result of repeated request %s of %s", request_id, topic_device)
             return reply_topic, cached
@@ -134,14 +136,14 @@ class Coordinator:
                 self.coordinator_id, topic_device, request_id, f"internal error in the coordinator: {type(error).__name__}"
             )
         encoded = protocol.encode_message(reply)
-        self._remember(request_id, encoded)
+        self._remember(stored_key, encoded)
         self.computed += 1
         logger.info("published the result of request %s of %s after %.2f s (status %s)",
                     request_id, topic_device, time.perf_counter() - started, reply["status"])
         return reply_topic, encoded
 
-    def _remember(self, request_id: str, encoded: bytes) -> None:
-        self._results[request_id] = encoded
+    def _remember(self, key: str, encoded: bytes) -> None:
+        self._results[key] = encoded
         while len(self._results) > self.result_cache:
             self._results.popitem(last=False)
 

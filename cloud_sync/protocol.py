@@ -35,6 +35,7 @@ MAX_ARCHS = 256
 MAX_ARCH_CHARS = 2048
 MAX_PROXIES = 32
 MAX_BATCH_SIZE = 1024
+MAX_SEED = 2**32 - 1  # numpy and torch seeds must fit in 32 unsigned bits here
 MAX_INPUT_SIZE = 512
 # The largest width multiplier a request may name; MobileNetV2's published models use at most 1.4.
 MAX_WIDTH_MULT = 4.0
@@ -225,6 +226,8 @@ def decode_message(payload: bytes, *, expected_type: Optional[str] = None, max_b
         raise ProtocolError(f"the payload is not UTF-8: {error}") from None
     except ValueError as error:
         raise ProtocolError(f"the payload is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError("the payload's JSON is nested too deeply") from None
     validate_message(message)
     if expected_type is not None and message["type"] != expected_type:
         raise ProtocolError(f"expected a {expected_type} message, got {message['type']}")
@@ -310,7 +313,7 @@ def _validate_request(message: Mapping[str, Any]) -> None:
         raise ProtocolError(f"field 'width_mult' must be above 0 and at most {MAX_WIDTH_MULT:g}, got {width_mult!r}")
     _string_list(message, "archs", MAX_ARCHS, MAX_ARCH_CHARS)
     _string_list(message, "proxies", MAX_PROXIES, 64)
-    _field(message, "seed", int)
+    _int_field(message, "seed", 0, MAX_SEED)
     _int_field(message, "batch_size", 1, MAX_BATCH_SIZE)
     options = _field(message, "proxy_options", dict, optional=True)
     if options is not None and not all(isinstance(value, dict) for value in options.values()):
@@ -396,6 +399,17 @@ _VALIDATORS = {
 
 
 # Messages ----------------------------------------------------------------------------
+
+
+# The fields of a gradient request that change its result (see request_body).
+_REQUEST_CONTENT_FIELDS = ("space", "archs", "proxies", "seed", "batch_size", "proxy_options", "data")
+
+
+def request_content_digest(message: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the fields of a gradient request that change its result."""
+    content = {name: message.get(name) for name in _REQUEST_CONTENT_FIELDS}
+    encoded = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
 def make_request_id(device_id: str, body: Mapping[str, Any]) -> str:

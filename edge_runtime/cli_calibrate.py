@@ -79,6 +79,14 @@ def calibrate(
         raise EdgeNasError(
             f"only {len(usable)} architectures of {scores_path} have a {column} value in {accuracy_path}; need at least 3"
         )
+    from models.spaces import get_space
+
+    space = get_space(space_name)
+    for number, row in enumerate(usable, start=2):
+        try:
+            space.parse(row["arch"])
+        except EdgeNasError as error:
+            raise EdgeNasError(f"{scores_path}, line {number}: not a {space_name} architecture: {error}") from None
     archs = [row["arch"] for row in usable]
     columns_by_proxy = {p: np.array([_number(row[p]) for row in usable], dtype=np.float64) for p in components}
     meta_path = Path(scores_path).with_name(Path(scores_path).stem + ".meta.json")

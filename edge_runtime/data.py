@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
+# Largest number of classes a classifier head is built for (ImageNet-21k has about 21,800).
+MAX_CLASSES = 100_000
+
 # Floor for a channel's std, so that a constant channel normalises to zeros, not inf.
 MIN_CHANNEL_STD = 1e-3
 
@@ -37,6 +40,11 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         self.images, self.labels = _checked_arrays(self.images, self.labels, self.name or "dataset")
+        if self.classes and int(self.labels.max()) >= len(self.classes):
+            raise DataError(
+                f"{self.name or 'dataset'}: label {int(self.labels.max())} is out of range for its "
+                f"{len(self.classes)} class names; fix the labels or the 'classes' array"
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -147,6 +155,10 @@ def _checked_arrays(images: np.ndarray, labels: np.ndarray, name: str) -> Tuple[
         raise DataError(f"{name}: labels must be integers, got dtype {labels.dtype}")
     if labels.min() < 0:
         raise DataError(f"{name}: labels must be non-negative, found {int(labels.min())}")
+    if labels.max() >= MAX_CLASSES:
+        raise DataError(
+            f"{name}: label {int(labels.max())} is not a class index; labels must be 0..N-1 with N at most {MAX_CLASSES}"
+        )
     return images, labels.astype(np.int64)
 
 

@@ -405,6 +405,8 @@ class Aggregator:
             raise AggregatorError(f"{path}: cannot be read ({error})") from None
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise AggregatorError(f"{path}: the JSON is nested too deeply; re-create it with `edge-nas calibrate`") from None
         except ValueError as error:
             raise AggregatorError(f"{path}: not valid JSON ({error}); re-create it with `edge-nas calibrate`") from None
         return cls.from_json(data, space=space, source=str(path))

@@ -4,7 +4,10 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
-from models.errors import UnknownNameError
+from models.errors import InvalidArchitectureError, UnknownNameError
+
+# Largest input resolution a space is built for: larger inputs would exhaust memory, not search.
+MAX_INPUT_SIZE = 1024
 
 
 class SearchSpace:
@@ -75,6 +78,9 @@ def get_space(name: str, **options: Any) -> SearchSpace:
     _load_builtin_spaces()
     if name not in _SPACES:
         raise UnknownNameError(f"unknown search space {name!r}; known spaces: {', '.join(sorted(_SPACES))}")
+    size = options.get("input_size")
+    if size is not None and not 1 <= int(size) <= MAX_INPUT_SIZE:
+        raise InvalidArchitectureError(f"input size {size} is out of range; use 1 to {MAX_INPUT_SIZE} pixels")
     return _SPACES[name](**options)
 
 

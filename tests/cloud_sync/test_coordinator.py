@@ -462,3 +462,23 @@ def test_personalize_takes_gradient_proxies_from_cloud(broker, start_coordinator
     assert subnet["gradient_source"] == "cloud"
     for name in source.outcome.values[result.chosen.arch]:
         assert subnet["proxies"][name]["value"] == pytest.approx(source.outcome.values[result.chosen.arch][name])
+
+
+def test_reused_request_id_with_other_content_is_computed():
+    coordinator = Coordinator("coord-a")
+    good = protocol.request_body("nb201", 10, 16, ARCHS[:1], ["grad_norm"], protocol.describe_none(10), batch_size=4)
+    bad = protocol.request_body("nb201", 10, 16, ["|bogus~0|"], ["grad_norm"], protocol.describe_none(10), batch_size=4)
+    request_id = protocol.make_request_id("dev-1", bad)
+    for body in (bad, good):
+        message = protocol.gradient_request("dev-1", request_id, body, deadline=None)
+        _, reply = coordinator.handle("edge-nas/devices/dev-1/requests", protocol.encode_message(message))
+    assert protocol.decode_message(reply)["status"] == "ok"
+    assert coordinator.computed == 2
+    assert coordinator.repeated == 0
+
+
+def test_deeply_nested_request_is_dropped():
+    coordinator = Coordinator("coord-a")
+    payload = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    assert coordinator.handle("edge-nas/devices/dev-1/requests", payload) is None
+    assert coordinator.drops.total == 1

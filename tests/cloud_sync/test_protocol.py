@@ -347,3 +347,15 @@ def test_documented_examples_are_valid():
     for descriptor in descriptors:
         size = descriptor["shape"][1] if "shape" in descriptor else 2
         protocol.validate_descriptor(descriptor, num_classes=10, input_size=size)
+
+
+def test_deeply_nested_payload_is_rejected():
+    payload = b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        protocol.decode_message(payload)
+
+
+@pytest.mark.parametrize("seed", [-5, 2**70])
+def test_out_of_range_seed_is_rejected(seed):
+    with pytest.raises(ProtocolError, match="seed"):
+        protocol.validate_message(_request(seed=seed))

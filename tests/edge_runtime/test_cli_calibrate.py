@@ -86,3 +86,12 @@ def test_benchmark_refuses_calibration_archs(tmp_path, shared_data):
                       str(tmp_path / "aggregator.json"), "--shared", str(shared_data.parent), "--out", str(tmp_path / "r")])
     assert code == 2
     assert not (tmp_path / "r.md").exists()
+
+
+def test_calibrate_rejects_archs_of_another_space(tmp_path):
+    _write_inputs(tmp_path)
+    result = CliRunner().invoke(main, ["calibrate", "--space", "mobilenetv2", "--scores", str(tmp_path / "scores.csv"),
+                                       "--accuracy", str(tmp_path / "accuracy.csv"), "--column", "cifar10_test",
+                                       "--out", str(tmp_path / "a.json")])
+    assert result.exit_code == 1
+    assert "not a mobilenetv2 architecture" in result.stderr

@@ -94,3 +94,16 @@ def test_too_few_images_and_labels_out_of_range():
         data.probe_batch(8)
     with pytest.raises(DataError, match="label 3, out of range for 3 classes"):
         data.check_labels(3)
+
+
+def test_huge_label_is_not_a_class_index(tmp_path):
+    path = _save_npz(tmp_path / "big.npz", x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, 2, 3 * 10**12]))
+    with pytest.raises(DataError, match="not a class index"):
+        load_dataset(path)
+
+
+def test_label_beyond_class_names_is_rejected(tmp_path):
+    path = _save_npz(tmp_path / "c.npz", x=np.zeros((4, 8, 8, 3), np.uint8), y=np.array([0, 1, 2, 5]),
+                     classes=np.array(["a", "b", "c"]))
+    with pytest.raises(DataError, match="out of range for its 3 class names"):
+        load_dataset(path)

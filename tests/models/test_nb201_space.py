@@ -136,3 +136,8 @@ def test_unknown_space_lists_known():
     with pytest.raises(UnknownNameError, match="nb201"):
         get_space("nb301")
     assert "nb201" in list_spaces()
+
+
+def test_oversized_input_is_rejected():
+    with pytest.raises(InvalidArchitectureError, match="input size 100000 is out of range"):
+        get_space("nb201", input_size=100000)
