@@ -107,11 +107,16 @@ def register_proxy(
             runs_on=frozenset(runs_on),
             forward_needs=frozenset(forward_needs),
             options=tuple(sorted((options or {}).items())),
-            description=description or (compute.__doc__ or "").strip().splitlines()[0] if compute.__doc__ else description,
+            description=description or _first_line(compute.__doc__),
         )
         return compute
 
     return decorator
+
+
+def _first_line(text: Optional[str]) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _load_builtin_proxies() -> None:
