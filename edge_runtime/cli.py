@@ -33,7 +33,11 @@ class _Group(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Training-free neural architecture search for personalised models on edge devices."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose > 1:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 

@@ -160,7 +160,9 @@ def score_command(
     classes = num_classes if num_classes is not None else dataset.num_classes
     dataset.check_labels(classes)
     height, width = dataset.image_size
-    size = input_size if input_size is not None else (height if height == width and height % 4 == 0 else 32)
+    size = input_size
+    if size is None:
+        size = height if height == width and height % 4 == 0 else 32
     space = get_space(space_name, num_classes=classes, input_size=size)
     archs = select_archs(space, archs_file, sample, use_all, seed)
     aggregator = _load_aggregator(aggregator_path, space_name) if aggregator_path else None
@@ -174,7 +176,9 @@ def score_command(
         batch_size=batch_size,
         seed=seed,
     )
-    cache = None if no_cache else ScoreCache(Path(cache_path) if cache_path else None)
+    cache = None
+    if not no_cache:
+        cache = ScoreCache(Path(cache_path) if cache_path else None)
     rows = []
     try:
         for _, results in score_archs(space, archs, inputs, labels, per_arch, protocol, cache=cache):

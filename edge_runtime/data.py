@@ -37,6 +37,7 @@ class ImageDataset:
     classes: List[str] = field(default_factory=list)
     name: str = ""
     _stats: Optional[Tuple[List[float], List[float]]] = field(default=None, init=False, repr=False)
+    _hash: Optional[str] = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.images, self.labels = _checked_arrays(self.images, self.labels, self.name or "dataset")
@@ -62,12 +63,14 @@ class ImageDataset:
 
     @property
     def data_hash(self) -> str:
-        """SHA-256 of the pixels and labels (hex, first 16 digits): identifies the data in caches and results."""
-        digest = hashlib.sha256()
-        digest.update(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).tobytes())
-        digest.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
-        return digest.hexdigest()[:16]
+        """SHA-256 of the pixels and labels (hex, first 16 digits), computed once: identifies the data in caches and results."""
+        if self._hash is None:
+            digest = hashlib.sha256()
+            digest.update(str(self.images.shape).encode())
+            digest.update(np.ascontiguousarray(self.images).tobytes())
+            digest.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
+            self._hash = digest.hexdigest()[:16]
+        return self._hash
 
     def channel_stats(self) -> Tuple[List[float], List[float]]:
         """Per-channel mean and std of the pixels scaled to [0, 1] (computed once)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class EdgeNasError(Exception):
-    """An expected failure with a message that says what is wrong and how to fix it."""
+    """An expected failure whose message states what is wrong and how to fix it."""
 
 
 class InvalidArchitectureError(EdgeNasError, ValueError):

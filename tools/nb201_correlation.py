@@ -1,9 +1,9 @@
 """How well each zero-cost proxy ranks NAS-Bench-201 architectures against their true accuracy.
 
 Scores a seeded sample of the development split (the architectures in accuracy.csv) with
-each proxy on real probe images, and reports signed Spearman rho and Kendall tau against the
-benchmark's 200-epoch test accuracy, mean and sd over seeds, with each proxy's median time
-per architecture next to one forward+backward pass of the same networks on the same batch.
+each proxy on real probe images. Reports signed Spearman rho and Kendall tau against the
+benchmark's 200-epoch test accuracy, as mean and sd over seeds. Each proxy's median time per
+architecture is shown next to one forward+backward pass of the same networks on the same batch.
 
     python tools/nb201_correlation.py --datasets cifar10 --archs 1000 --seeds 0 --out docs/benchmarks/run
 
@@ -73,7 +73,7 @@ def load_accuracy(path: Path) -> Dict[str, Dict[str, float]]:
 
 
 def sample_dev_archs(accuracy: Dict[str, Dict[str, float]], count: int, sample_seed: int) -> List[str]:
-    """A fixed permutation of the development split: a smaller run takes a prefix of a larger one."""
+    """Return a prefix of a fixed permutation of the development split, so a smaller run is a prefix of a larger one."""
     archs = sorted(accuracy, key=lambda a: accuracy[a]["nb201_index"])
     random.Random(sample_seed).shuffle(archs)
     if count > len(archs):
@@ -87,14 +87,15 @@ def rank_with_invalid_last(values: Sequence[Optional[float]]) -> np.ndarray:
 
 
 def correlations(values: Sequence[Optional[float]], accuracy: Sequence[float], higher_is_better: bool) -> Tuple[float, float]:
-    ranks = rank_with_invalid_last([None if v is None else (v if higher_is_better else -v) for v in values])
+    oriented = [v if v is None or higher_is_better else -v for v in values]
+    ranks = rank_with_invalid_last(oriented)
     rho = stats.spearmanr(ranks, accuracy)[0]
     tau = stats.kendalltau(ranks, accuracy)[0]
     return float(rho), float(tau)
 
 
 def reference_seconds(space, arch_texts: Sequence[str], inputs, labels, seed: int) -> List[float]:
-    """One forward+backward per architecture (after one untimed warm-up pass), same batch and init seed."""
+    """Time one forward+backward per architecture (after one untimed warm-up pass), same batch and init seed."""
     from edge_runtime.scoring import forward_backward_seconds
     from models.proxies._context import build_seeded
 

@@ -69,7 +69,7 @@ RECTIFIER_TYPES = (nn.ReLU, nn.ReLU6, nn.GELU)
 
 
 def relu_modules(network: nn.Module) -> List[nn.Module]:
-    """The leaf rectifier modules (ReLU, ReLU6, GELU), each once; a container is never hooked."""
+    """Return the leaf rectifier modules (ReLU, ReLU6, GELU), each once, so that no container is hooked."""
     return [m for m in network.modules() if isinstance(m, RECTIFIER_TYPES)]
 
 
@@ -82,7 +82,7 @@ def block_modules(network: nn.Module) -> List[nn.Module]:
 
 @dataclass
 class ForwardRecord:
-    """What the single shared forward pass recorded."""
+    """Tensors recorded by the single shared forward pass."""
 
     logits: torch.Tensor
     block_inputs: List[torch.Tensor] = field(default_factory=list)
@@ -177,18 +177,18 @@ class ProbeContext:
         return self._network
 
     def fresh_network(self) -> nn.Module:
-        """A private copy of the network with the same initial weights."""
+        """Return a private copy of the network with the same initial weights."""
         return copy.deepcopy(self.network)
 
     def forward_record(self, needs: Iterable[str] = ()) -> ForwardRecord:
-        wanted = self.forward_needs | set(needs)
+        requested = self.forward_needs | set(needs)
         if self._record is not None:
-            missing_blocks = NEEDS_BLOCK_OUTPUTS in wanted and not self._record.block_outputs
-            missing_kernel = NEEDS_RELU_KERNEL in wanted and self._record.relu_kernel is None
+            missing_blocks = NEEDS_BLOCK_OUTPUTS in requested and not self._record.block_outputs
+            missing_kernel = NEEDS_RELU_KERNEL in requested and self._record.relu_kernel is None
             if not (missing_blocks or missing_kernel):
                 return self._record
-        self.forward_needs = wanted
-        self._record = record_forward(self.network, self.inputs, wanted)
+        self.forward_needs = requested
+        self._record = record_forward(self.network, self.inputs, requested)
         return self._record
 
     def generator(self, offset: int = 0) -> torch.Generator:

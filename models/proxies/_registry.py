@@ -7,11 +7,11 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from models.errors import UnknownNameError
 
-# Where a proxy may run: on the device (forward pass only, cheap) or in the cloud.
+# Places a proxy may run: on the device (forward pass only, cheap) or in the cloud.
 DEVICE = "device"
 CLOUD = "cloud"
 
-# What a proxy reads from the one forward pass shared by all forward-only proxies.
+# Records a proxy reads from the one forward pass shared by all forward-only proxies.
 NEEDS_BLOCK_OUTPUTS = "block_outputs"
 NEEDS_RELU_KERNEL = "relu_kernel"
 

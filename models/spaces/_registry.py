@@ -11,7 +11,7 @@ MAX_INPUT_SIZE = 1024
 
 
 class SearchSpace:
-    """What every search space offers; a strategy sees only this interface.
+    """Interface of every search space. A search strategy uses only this interface.
 
     An architecture is an immutable, hashable value. `params` and `flops` are computed
     from the encoding alone, so constraints filter candidates before any network is built.
@@ -43,14 +43,14 @@ class SearchSpace:
         raise NotImplementedError
 
     def is_degenerate(self, arch: Any) -> bool:
-        """Whether the network's output cannot depend on its input."""
+        """Return whether the network's output cannot depend on its input."""
         return False
 
     def enumerate(self) -> Iterator[Any]:
         raise NotImplementedError(f"search space {self.name!r} is too large to enumerate")
 
     def cost_range(self) -> Dict[str, Tuple[int, int]]:
-        """The smallest and largest params and FLOPs that the space reaches."""
+        """Return the smallest and largest params and FLOPs that the space reaches."""
         raise NotImplementedError
 
     def describe(self) -> Dict[str, Any]:

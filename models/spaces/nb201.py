@@ -76,7 +76,7 @@ class NB201Arch:
         return sum(1 for o in self.ops if o == op)
 
     def has_path(self) -> bool:
-        """Whether any path of non-`none` edges leads from the cell input to its output."""
+        """Return whether a path of non-`none` edges leads from the cell input to its output."""
         reachable = {0}
         for (target, source), op in sorted(zip(EDGES, self.ops), key=lambda item: item[0]):
             if op != "none" and source in reachable:
@@ -234,7 +234,7 @@ def count_flops(arch: NB201Arch, config: NB201Config = NB201Config()) -> int:
 
 
 def cost_range(config: NB201Config = NB201Config()) -> Dict[str, Tuple[int, int]]:
-    """The smallest and largest params and FLOPs over the space (all-`none` to all-3x3 cells)."""
+    """Return the smallest and largest params and FLOPs over the space (all-`none` to all-3x3 cells)."""
     smallest = NB201Arch(("none",) * NUM_EDGES)
     largest = NB201Arch(("nor_conv_3x3",) * NUM_EDGES)
     return {

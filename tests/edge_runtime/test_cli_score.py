@@ -61,7 +61,8 @@ def test_score_resumes_from_cache(tmp_path, archs_file, small_npz):
     args = ["score", "--archs", archs_file, "--data", small_npz, "--proxies", "naswot", "--batch-size", "8"]
     first = _run(*args, "--out", str(tmp_path / "a.csv"))
     second = _run(*args, "--out", str(tmp_path / "b.csv"))
-    assert first.exit_code == 0 and second.exit_code == 0
+    assert first.exit_code == 0
+    assert second.exit_code == 0
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     cached = json.loads((tmp_path / "b.meta.json").read_text())
     fresh = json.loads((tmp_path / "a.meta.json").read_text())
@@ -112,7 +113,8 @@ def test_malformed_architecture_names_line_and_position(tmp_path, small_npz):
     path.write_text(GOLDEN + "\n" + GOLDEN.replace("nor_conv_1x1~1", "nor_conv_1x1~0") + "\n")
     result = _run("score", "--archs", str(path), "--data", small_npz, "--proxies", "params", "--out", str(tmp_path / "s.csv"))
     assert result.exit_code == 1
-    assert "line 2" in result.stderr and "input 2 of node 3" in result.stderr
+    assert "line 2" in result.stderr
+    assert "input 2 of node 3" in result.stderr
 
 
 def test_unwritable_output_is_rejected_before_scoring(tmp_path, archs_file, small_npz):

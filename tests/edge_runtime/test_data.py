@@ -36,7 +36,8 @@ def test_probe_batch_is_seeded_normalised_and_resized():
     other, _ = data.probe_batch(16, seed=4)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
-    assert first.shape == (16, 3, 8, 8) and labels.dtype == torch.int64
+    assert first.shape == (16, 3, 8, 8)
+    assert labels.dtype == torch.int64
     full = data.to_tensor()
     assert full.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # normalised with the data's own statistics
     assert data.probe_batch(4, seed=0, size=16)[0].shape == (4, 3, 16, 16)
