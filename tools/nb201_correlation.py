@@ -23,7 +23,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +65,42 @@ DATASETS: Dict[str, BenchmarkDataset] = {
         "probe images: ImageNet 16x16 stand-in of the 120 classes; ranked against ImageNet16-120 accuracy",
     ),
 }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A proxy scored with non-default options, reported under its own label."""
+
+    label: str
+    proxy: str
+    options: Tuple[Tuple[str, object], ...]
+
+
+def parse_variants(text: str) -> List[Variant]:
+    """Parse 'LABEL=PROXY:key=value:key=value,...' (values: numbers, none, or words)."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        label, _, spec = item.partition("=")
+        proxy, *settings = spec.split(":")
+        if not label or not proxy:
+            raise SystemExit(f"error: variant {item!r} is not LABEL=PROXY:key=value, e.g. fc_r0.4=fgnas_fc:r=0.4")
+        options = []
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            options.append((key, _option_value(value)))
+        variants.append(Variant(label, proxy, tuple(options)))
+    return variants
+
+
+def _option_value(text: str) -> object:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def load_accuracy(path: Path) -> Dict[str, Dict[str, float]]:
@@ -120,6 +156,8 @@ def run_dataset(
     shared: Path,
     reference_count: int,
     aggregator=None,
+    variants: Sequence[Variant] = (),
+    ablations: bool = False,
 ) -> Dict[str, object]:
     from edge_runtime.data import load_dataset
     from edge_runtime.score_cache import ScoreCache
@@ -156,12 +194,25 @@ def run_dataset(
                 ):
                     columns[name].append(results[name].value)
                     seconds[name].append(float(results[name].details.get("seconds", 0.0)))
-            for name in aggregates:
-                columns[name] = _aggregate(name, columns, len(arch_texts), aggregator)
+            higher_of = {name: get_proxy(name).higher_is_better for name in per_arch}
+            for variant in variants:
+                subset = arch_texts[: limits.get(variant.label, len(arch_texts))]
+                variant_protocol = replace(protocol, proxy_options={variant.proxy: dict(variant.options)})
+                columns[variant.label], seconds[variant.label] = [], []
+                for _, results in score_archs(
+                    space, [space.parse(text) for text in subset], inputs, labels, [variant.proxy], variant_protocol,
+                    cache=cache, description=f"{dataset.name} seed {seed} {variant.label}",
+                ):
+                    columns[variant.label].append(results[variant.proxy].value)
+                    seconds[variant.label].append(float(results[variant.proxy].details.get("seconds", 0.0)))
+                higher_of[variant.label] = get_proxy(variant.proxy).higher_is_better
+            for name, rule in _aggregate_rows(aggregates, variants, ablations, aggregator):
+                columns[name] = _aggregate(rule, columns, len(arch_texts))
+                seconds[name] = _summed_seconds(rule, seconds, len(arch_texts))
             rows: Dict[str, Dict[str, object]] = {}
             for name, values in columns.items():
                 truth = [accuracy[a][dataset.accuracy_column] for a in arch_texts[: len(values)]]
-                higher = get_proxy(name).higher_is_better if name in per_arch else True
+                higher = higher_of.get(name, True)
                 rho, tau = correlations(values, truth, higher)
                 rows[name] = {
                     "rho": rho,
@@ -189,16 +240,47 @@ def _expand(proxies: List[str]) -> Tuple[List[str], List[str]]:
     return expand_proxy_names(proxies)
 
 
-def _aggregate(name: str, columns: Dict[str, List[Optional[float]]], count: int, aggregator=None) -> List[Optional[float]]:
-    from models.aggregation import aggregate_population
+@dataclass(frozen=True)
+class AggregateRule:
+    """An aggregator and, for each of its components, the column that feeds it."""
 
+    aggregator: object
+    sources: Tuple[Tuple[str, str], ...]  # (component, column)
+
+
+def _aggregate_rows(aggregates: Sequence[str], variants: Sequence[Variant], ablations: bool, calibrated=None):
+    """Yield (row name, AggregateRule): each aggregate, its ablations, its calibrated form, and each variant swapped in."""
+    from models.aggregation import ABLATIONS, label_free_aggregator
+
+    for name in aggregates:
+        base = label_free_aggregator(name)
+        plain = tuple((p, p) for p in base.proxies)
+        yield name, AggregateRule(base, plain)
+        if ablations:
+            for switch in ABLATIONS:
+                ablated = base.ablated(switch)
+                yield f"{name} {switch}", AggregateRule(ablated, tuple((p, p) for p in ablated.proxies))
+        if calibrated is not None and calibrated.name == name:
+            yield f"{name} calibrated", AggregateRule(calibrated, tuple((p, p) for p in calibrated.proxies))
+        for variant in variants:
+            if variant.proxy in base.proxies:
+                swapped = tuple((p, variant.label if p == variant.proxy else p) for p in base.proxies)
+                yield f"{name} with {variant.label}", AggregateRule(base, swapped)
+
+
+def _aggregate(rule: AggregateRule, columns: Dict[str, List[Optional[float]]], count: int) -> List[Optional[float]]:
     arrays = {
-        proxy: np.array([np.nan if v is None else v for v in values[:count]], dtype=np.float64)
-        for proxy, values in columns.items()
-        if len(values) >= count
+        component: np.array([np.nan if v is None else v for v in columns[column][:count]], dtype=np.float64)
+        for component, column in rule.sources
     }
-    scores = aggregate_population(name, arrays, aggregator if aggregator is not None and aggregator.name == name else None)
+    scores = rule.aggregator.score(arrays).scores
     return [float(v) if np.isfinite(v) else None for v in scores]
+
+
+def _summed_seconds(rule: AggregateRule, seconds: Dict[str, List[float]], count: int) -> List[float]:
+    """Per-architecture time of an aggregate: the sum of its measured components (params and FLOPs cost nothing)."""
+    parts = [seconds[column][:count] for _, column in rule.sources if seconds.get(column)]
+    return [float(sum(values)) for values in zip(*parts)] if parts else []
 
 
 def summarise(results: Dict[str, Dict[str, object]], seeds: List[int]) -> List[Dict[str, object]]:
@@ -308,7 +390,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--reference-archs", type=int, default=100, help="architectures timed for forward+backward")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder with data/nb201 and data/images")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edge-nas" / "benchmark.sqlite")
-    parser.add_argument("--aggregator", type=Path, default=None, help="calibrated aggregator JSON; its calibration architectures must not be in the sample")
+    parser.add_argument(
+        "--aggregator", action="append", default=[], metavar="[DATASET=]PATH",
+        help="calibrated aggregator JSON, reported as '<aggregate> calibrated' next to the label-free one; "
+        "DATASET= gives one per dataset. Its calibration architectures must not be in the sample",
+    )
+    parser.add_argument("--ablations", action="store_true", help="also report each aggregate with -FP, -GP and -NL")
+    parser.add_argument(
+        "--variants", default="", metavar="LABEL=PROXY:key=value,...",
+        help="score a proxy with other options under its own label, alone and swapped into each aggregate that uses it, "
+        "e.g. fc_r0.4=fgnas_fc:r=0.4",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes PREFIX.md, PREFIX.json, PREFIX_scatter_*.png")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -325,26 +417,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.cache.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
-    aggregator = None
-    if args.aggregator is not None:
+    variants = parse_variants(args.variants)
+    dataset_names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    unknown = [name for name in dataset_names if name not in DATASETS]
+    if unknown:
+        print(f"error: unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}", file=sys.stderr)
+        return 2
+    aggregators: Dict[str, object] = {}
+    for item in args.aggregator:
+        dataset_name, _, path = item.rpartition("=")
         from models.aggregation import Aggregator
         from models.errors import EdgeNasError
 
         try:
-            aggregator = Aggregator.load(args.aggregator, space="nb201")
+            aggregator = Aggregator.load(Path(path), space="nb201")
             # A correlation over architectures the aggregator was fitted on would overstate its quality.
             aggregator.check_disjoint(arch_texts)
         except EdgeNasError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        for name in [dataset_name] if dataset_name else dataset_names:
+            aggregators[name] = aggregator
 
     started = time.time()
     results = {}
-    for name in args.datasets.split(","):
-        dataset = DATASETS[name.strip()]
+    for name in dataset_names:
+        dataset = DATASETS[name]
         results[dataset.name] = run_dataset(
             dataset, arch_texts, accuracy, proxies, limits, seeds, args.batch_size, args.cache, args.shared, args.reference_archs,
-            aggregator,
+            aggregators.get(name), variants, args.ablations,
         )
     table = summarise(results, seeds)
     command = "python tools/nb201_correlation.py " + " ".join(sys.argv[1:] if argv is None else argv)
