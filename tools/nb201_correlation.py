@@ -209,6 +209,9 @@ def run_dataset(
             for name, rule in _aggregate_rows(aggregates, variants, ablations, aggregator):
                 columns[name] = _aggregate(rule, columns, len(arch_texts))
                 seconds[name] = _summed_seconds(rule, seconds, len(arch_texts))
+            if "tenas_ntk" in columns and "tenas_regions" in columns:
+                columns[TENAS_RANK] = _tenas_rank(columns["tenas_ntk"], columns["tenas_regions"])
+                seconds[TENAS_RANK] = [a + b for a, b in zip(seconds["tenas_ntk"], seconds["tenas_regions"])]
             rows: Dict[str, Dict[str, object]] = {}
             for name, values in columns.items():
                 truth = [accuracy[a][dataset.accuracy_column] for a in arch_texts[: len(values)]]
@@ -238,6 +241,22 @@ def _expand(proxies: List[str]) -> Tuple[List[str], List[str]]:
     except ModuleNotFoundError:
         return proxies, []
     return expand_proxy_names(proxies)
+
+
+TENAS_RANK = "tenas rank sum"
+
+
+def _tenas_rank(ntk: Sequence[Optional[float]], regions: Sequence[Optional[float]]) -> List[Optional[float]]:
+    """Rank-combine tenas_ntk and tenas_regions over the population, as TE-NAS orders architectures."""
+    from models.proxies.tenas import tenas_rank_combine
+
+    pairs = list(zip(ntk, regions))
+    valid = [i for i, (a, b) in enumerate(pairs) if a is not None and b is not None]
+    combined = tenas_rank_combine([pairs[i][0] for i in valid], [pairs[i][1] for i in valid])
+    values: List[Optional[float]] = [None] * len(pairs)
+    for position, index in enumerate(valid):
+        values[index] = float(combined[position])
+    return values
 
 
 @dataclass(frozen=True)

@@ -15,18 +15,24 @@ accumulated in float64 one parameter tensor at a time.
 Linear regions. A sample's activation pattern is the sign of every unit at the
 input of every leaf ReLU module. Samples with the same pattern lie in the same
 linear region, so the count of distinct patterns over the batch is a lower bound
-on the number of regions. It is at most the batch size.
+on the number of regions. It is at most the batch size. On the full network and
+inputs of the probe's shape the count saturates: at 32x32 and 16x16 each Gaussian
+sample of an NB201 network with a path lands in its own region. `tenas_regions`
+therefore counts, like TE-NAS's search code, on a thin copy of the network (one
+channel, one cell per stage, where the space offers `build_thin`) over 1,000
+Gaussian inputs of 3 x 3 pixels. The per-architecture `tenas` keeps the
+probe-shaped count, so values computed before this change stay comparable.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.proxies._context import ProbeContext, forward_pre_hooks, relu_modules, scoring_mode
+from models.proxies._context import ProbeContext, build_seeded, forward_pre_hooks, relu_modules, scoring_mode
 from models.proxies._registry import CLOUD, DEVICE, ProxyInvalid, ProxyResult, register_proxy
 
 # The Jacobian is computed in float32, so singular values of G below about 1e-6 of the
@@ -166,15 +172,29 @@ def _log_condition_number(context: ProbeContext, batch_size: int) -> Tuple[float
     return math.log(condition), details
 
 
-def _log_region_count(context: ProbeContext, batch_size: int) -> Tuple[float, Dict[str, int]]:
-    # NOTE: at the probe's image size a network with a path from input to output tends
-    # to put each Gaussian sample in its own region, so the count saturates at the batch
-    # size (64 of 64 for all four NB201 networks tried at 32x32). TE-NAS's search script
-    # counts regions over 3000 inputs of shape 1x3x3 instead, which this module does not
-    # offer yet.
-    inputs = _gaussian_inputs(context, batch_size, _REGIONS_STREAM)
-    patterns, units = count_activation_patterns(context.network, inputs)
-    return math.log(patterns), {"linear_regions": patterns, "relu_units": units, "regions_batch_size": batch_size}
+_REGION_NETWORKS = ("thin", "probe")
+_THIN_INPUT_PIXELS = 3
+
+
+def _log_region_count(context: ProbeContext, batch_size: int, network: str = "probe") -> Tuple[float, Dict[str, Any]]:
+    """Count activation patterns on the thin copy ('thin', 3 x 3 inputs) or the scored network ('probe')."""
+    if network not in _REGION_NETWORKS:
+        raise ValueError(f"unknown region network {network!r}; expected one of {', '.join(_REGION_NETWORKS)}")
+    build_thin = getattr(context.space, "build_thin", None)
+    if network == "thin" and build_thin is not None:
+        model = build_seeded(lambda: build_thin(context.arch), context.seed)
+        if batch_size < 2:
+            raise ValueError(f"TE-NAS batch sizes must be at least 2, got {batch_size}")
+        shape = (batch_size, context.inputs.shape[1], _THIN_INPUT_PIXELS, _THIN_INPUT_PIXELS)
+        inputs = torch.randn(shape, generator=context.generator(offset=_REGIONS_STREAM))
+    else:
+        # A space without a thin copy counts on the scored network with probe-shaped inputs.
+        network = "probe"
+        model = context.network
+        inputs = _gaussian_inputs(context, batch_size, _REGIONS_STREAM)
+    patterns, units = count_activation_patterns(model, inputs)
+    details = {"linear_regions": patterns, "relu_units": units, "regions_batch_size": batch_size, "regions_network": network}
+    return math.log(patterns), details
 
 
 @register_proxy(
@@ -200,12 +220,16 @@ def tenas_ntk(context: ProbeContext, *, batch_size: int) -> ProxyResult:
     needs_labels=False,
     batches=1,
     runs_on=(DEVICE, CLOUD),
-    options={"batch_size": 64},
+    options={"batch_size": 1000, "network": "thin"},
     description="TE-NAS expressivity: log of the distinct ReLU activation patterns over Gaussian inputs",
 )
-def tenas_regions(context: ProbeContext, *, batch_size: int) -> ProxyResult:
-    """Return the log of the number of linear regions met by `batch_size` Gaussian inputs."""
-    log_regions, details = _log_region_count(context, batch_size)
+def tenas_regions(context: ProbeContext, *, batch_size: int, network: str) -> ProxyResult:
+    """Return the log of the number of linear regions met by `batch_size` Gaussian inputs.
+
+    `network` is 'thin' (a one-channel copy on 3 x 3 inputs, where the space offers one)
+    or 'probe' (the scored network on inputs of the probe's shape).
+    """
+    log_regions, details = _log_region_count(context, batch_size, network)
     return ProxyResult.ok(log_regions, **details)
 
 

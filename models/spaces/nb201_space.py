@@ -37,6 +37,15 @@ class NB201Space(SearchSpace):
     def build(self, arch: nb201.NB201Arch):
         return nb201.build_network(arch, self.config)
 
+    def build_thin(self, arch: nb201.NB201Arch):
+        """Build the same cell with one channel and one cell per stage.
+
+        TE-NAS counts linear regions on such a thin copy, where tiny inputs do not put
+        every sample in a region of its own.
+        """
+        thin = nb201.NB201Config(num_classes=self.config.num_classes, input_size=4, channels=1, cells_per_stage=1)
+        return nb201.build_network(arch, thin)
+
     def is_degenerate(self, arch: nb201.NB201Arch) -> bool:
         return not arch.has_path()
 

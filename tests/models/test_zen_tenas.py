@@ -1,5 +1,6 @@
 """Zen-NAS and TE-NAS proxies checked against explicit computations on tiny networks."""
 import math
+import random
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ PROXIES = ["zen", "tenas_ntk", "tenas_regions", "tenas"]
 # Small batches keep each NB201 scoring under a second on two CPU cores.
 SMALL_OPTIONS = {
     "tenas_ntk": {"batch_size": 4},
-    "tenas_regions": {"batch_size": 8},
+    "tenas_regions": {"batch_size": 8, "network": "probe"},
     "tenas": {"ntk_batch_size": 4, "regions_batch_size": 8},
 }
 
@@ -248,6 +249,35 @@ def test_no_path_architecture_results(space):
     # Every sample gets the same all-zero pattern, so there is one region and the value is defined.
     assert results["tenas_regions"].valid
     assert results["tenas_regions"].value == 0.0
+
+
+def test_thin_copy_keeps_the_cell(space):
+    arch = space.parse(SMALL)
+    thin = space.build_thin(arch)
+    full = space.build(arch)
+    assert sum(p.numel() for p in thin.parameters()) < sum(p.numel() for p in full.parameters()) / 100
+    assert sum(isinstance(block, type(full.blocks[0])) for block in thin.blocks) == 3
+    assert thin(torch.randn(5, 3, 3, 3)).shape == (5, 10)
+
+
+def test_thin_regions_count_tiny_inputs(space):
+    arch = space.parse(SMALL)
+    options = {"tenas_regions": {"batch_size": 200}}
+    result = score_architecture(space, arch, _probe(), None, ["tenas_regions"], options=options)["tenas_regions"]
+    probe = {"tenas_regions": {"batch_size": 200, "network": "probe"}}
+    full = score_architecture(space, arch, _probe(), None, ["tenas_regions"], options=probe)["tenas_regions"]
+    assert result.details["regions_network"] == "thin"
+    assert 1 < result.details["linear_regions"] <= 200
+    assert result.details["relu_units"] * 100 < full.details["relu_units"]
+    assert result.value == pytest.approx(math.log(result.details["linear_regions"]))
+
+
+def test_regions_fall_back_without_thin_copy():
+    space = get_space("mobilenetv2", num_classes=10, input_size=32, width_mult=0.35)
+    arch = space.sample(random.Random(0))
+    inputs = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    result = score_architecture(space, arch, inputs, None, ["tenas_regions"], options={"tenas_regions": {"batch_size": 8}})
+    assert result["tenas_regions"].details["regions_network"] == "probe"
 
 
 def test_scoring_leaves_global_rng_unchanged(space):

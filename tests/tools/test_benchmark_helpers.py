@@ -93,3 +93,11 @@ def test_trained_record_skips_cut_line(tmp_path):
         handle.write(json.dumps({"arch": "c", "settings": "k1"})[:10])
     done = short_training.load_trained(path, "k1")
     assert list(done) == ["a"]
+
+
+def test_tenas_rank_sum_keeps_invalid_empty():
+    values = nb201_correlation._tenas_rank([-3.0, None, -1.0, -2.0], [5.0, 9.0, 4.0, 6.0])
+    assert values[1] is None
+    assert values[0] == pytest.approx(1.0 + 2.0)
+    assert values[2] == pytest.approx(3.0 + 1.0)
+    assert values[3] == pytest.approx(2.0 + 3.0)
