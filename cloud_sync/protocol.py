@@ -58,7 +58,40 @@ GRADIENT_RESULT = "gradient_result"
 AGGREGATOR = "aggregator"
 COORDINATOR_PRESENCE = "coordinator_presence"
 DEVICE_STATUS = "device_status"
-MESSAGE_TYPES = (GRADIENT_REQUEST, GRADIENT_RESULT, AGGREGATOR, COORDINATOR_PRESENCE, DEVICE_STATUS)
+DEVICE_COMMAND = "device_command"
+DEVICE_REPLY = "device_reply"
+JOB_STATUS = "job_status"
+DEVICE_HEARTBEAT = "device_heartbeat"
+MESSAGE_TYPES = (
+    GRADIENT_REQUEST, GRADIENT_RESULT, AGGREGATOR, COORDINATOR_PRESENCE, DEVICE_STATUS,
+    DEVICE_COMMAND, DEVICE_REPLY, JOB_STATUS, DEVICE_HEARTBEAT,
+)
+
+# States of a device in its device_status message.
+DEVICE_STATES = ("online", "stopping", "offline")
+
+# Commands that the device daemon accepts, and the states of a reply to one.
+COMMAND_PERSONALIZE = "personalize"
+COMMAND_STATUS = "status"
+COMMAND_CANCEL = "cancel"
+COMMANDS = (COMMAND_PERSONALIZE, COMMAND_STATUS, COMMAND_CANCEL)
+REPLY_STATUSES = ("accepted", "ok", "error")
+
+# The stages of a personalisation job, in order; the last three are final.
+JOB_STAGES = ("queued", "scoring", "measuring", "exporting", "done", "failed", "cancelled")
+FINAL_JOB_STAGES = ("done", "failed", "cancelled")
+# States of a job: its final stage, or for an unfinished stage whether the daemon is working on it now.
+JOB_STATES = ("queued", "running", "interrupted", "done", "failed", "cancelled")
+
+# The arguments of a personalize command and of its constraints; any other key is rejected.
+PERSONALIZE_ARGUMENTS = (
+    "data", "space", "input_size", "width_mult", "budget", "finalists", "search", "seed", "batch_size", "constraints",
+)
+CONSTRAINT_ARGUMENTS = ("max_params", "max_flops", "max_latency_ms", "max_power_w", "max_energy_mj")
+MAX_BUDGET = 100000
+MAX_DATA_PATH_CHARS = 4096
+# The maximum number of jobs in one status reply.
+MAX_LISTED_JOBS = 50
 
 # Device ids and coordinator ids become topic levels and MQTT client ids.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -88,6 +121,26 @@ def result_topic(device_id: str) -> str:
 def status_topic(device_id: str) -> str:
     """Device to anyone: the device's online/offline status (retained, with a last will)."""
     return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/status"
+
+
+def command_topic(device_id: str) -> str:
+    """Controller to device: commands for the device daemon (personalize, status, cancel)."""
+    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/commands"
+
+
+def reply_topic(device_id: str) -> str:
+    """Device to controllers: the device daemon's replies to commands, matched by command id."""
+    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/replies"
+
+
+def job_topic(device_id: str, job_id: str) -> str:
+    """Device to controllers: the progress and result of one job (retained)."""
+    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/jobs/{check_id(job_id, 'job id')}"
+
+
+def heartbeat_topic(device_id: str) -> str:
+    """Device to anyone: the daemon's periodic heartbeat with telemetry."""
+    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/heartbeat"
 
 
 def aggregator_topic(space: str) -> str:
@@ -385,8 +438,137 @@ def _validate_presence(message: Mapping[str, Any]) -> None:
 def _validate_status(message: Mapping[str, Any]) -> None:
     check_id(_field(message, "device_id", str), "device id")
     state = _field(message, "state", str)
-    if state not in ("online", "offline"):
-        raise ProtocolError(f"field 'state' must be 'online' or 'offline', got {state!r}")
+    if state not in DEVICE_STATES:
+        raise ProtocolError(f"field 'state' must be one of {', '.join(DEVICE_STATES)}, got {state!r}")
+    job = _field(message, "job", dict, optional=True)
+    if job is not None:
+        _validate_job(job)
+
+
+def _validate_command(message: Mapping[str, Any]) -> None:
+    check_id(_field(message, "device_id", str), "device id")
+    check_id(_field(message, "command_id", str), "command id")
+    command = _field(message, "command", str)
+    if command not in COMMANDS:
+        raise ProtocolError(f"unknown command {command[:64]!r}; known commands: {', '.join(COMMANDS)}")
+    arguments = _field(message, "arguments", dict, optional=True) or {}
+    if command == COMMAND_PERSONALIZE:
+        validate_personalize_arguments(arguments)
+    else:
+        _check_keys(arguments, ("job_id",), f"{command} argument")
+        job_id = _field(arguments, "job_id", str, optional=True)
+        if job_id is not None:
+            check_id(job_id, "job id")
+
+
+def validate_personalize_arguments(arguments: Mapping[str, Any]) -> None:
+    """Raise ProtocolError unless every argument of a personalize command has a known name, its type and range."""
+    _check_keys(arguments, PERSONALIZE_ARGUMENTS, "personalize argument")
+
+    data = _field(arguments, "data", str, optional=True)
+    if data is not None and not 1 <= len(data) <= MAX_DATA_PATH_CHARS:
+        raise ProtocolError(f"argument 'data' must hold 1 to {MAX_DATA_PATH_CHARS} characters")
+    space = _field(arguments, "space", str, optional=True)
+    if space is not None:
+        _check_space_name(space)
+    search = _field(arguments, "search", str, optional=True)
+    if search is not None and not 1 <= len(search) <= 64:
+        raise ProtocolError("argument 'search' must hold 1 to 64 characters")
+
+    for name, low, high in (
+        ("input_size", 1, MAX_INPUT_SIZE),
+        ("budget", 1, MAX_BUDGET),
+        ("finalists", 1, MAX_ARCHS),
+        ("seed", 0, MAX_SEED),
+        ("batch_size", 2, MAX_BATCH_SIZE),
+    ):
+        if arguments.get(name) is not None:
+            _int_field(arguments, name, low, high)
+    width_mult = _field(arguments, "width_mult", (int, float), optional=True)
+    if width_mult is not None and not (math.isfinite(width_mult) and 0 < width_mult <= MAX_WIDTH_MULT):
+        raise ProtocolError(f"argument 'width_mult' must be above 0 and at most {MAX_WIDTH_MULT:g}, got {width_mult!r}")
+
+    constraints = _field(arguments, "constraints", dict, optional=True) or {}
+    _check_keys(constraints, CONSTRAINT_ARGUMENTS, "constraint")
+    for name in CONSTRAINT_ARGUMENTS:
+        value = constraints.get(name)
+        if value is None:
+            continue
+        kind = int if name in ("max_params", "max_flops") else (int, float)
+        _field(constraints, name, kind)
+        if not (math.isfinite(value) and value > 0):
+            raise ProtocolError(f"constraint {name!r} must be a positive number, got {value!r}")
+
+
+def _check_keys(values: Mapping[str, Any], known: Sequence[str], what: str) -> None:
+    unknown = sorted(str(key)[:64] for key in values if key not in known)
+    if unknown:
+        raise ProtocolError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known) or 'none'}")
+
+
+def _validate_reply(message: Mapping[str, Any]) -> None:
+    check_id(_field(message, "device_id", str), "device id")
+    check_id(_field(message, "command_id", str), "command id")
+    command = _field(message, "command", str)
+    if not 1 <= len(command) <= 64:
+        raise ProtocolError("field 'command' must hold 1 to 64 characters")
+    status = _field(message, "status", str)
+    if status not in REPLY_STATUSES:
+        raise ProtocolError(f"field 'status' must be one of {', '.join(REPLY_STATUSES)}, got {status!r}")
+    if status == "error":
+        _field(message, "error", str)
+    job = _field(message, "job", dict, optional=True)
+    if job is not None:
+        _validate_job(job)
+    jobs = _field(message, "jobs", list, optional=True)
+    if jobs is not None:
+        if len(jobs) > MAX_LISTED_JOBS:
+            raise ProtocolError(f"field 'jobs' must hold at most {MAX_LISTED_JOBS} jobs, got {len(jobs)}")
+        for entry in jobs:
+            if not isinstance(entry, dict):
+                raise ProtocolError("every entry of 'jobs' must be a job object")
+            _validate_job(entry)
+    _field(message, "device", dict, optional=True)
+
+
+def _validate_job_status(message: Mapping[str, Any]) -> None:
+    check_id(_field(message, "device_id", str), "device id")
+    _validate_job(_field(message, "job", dict))
+
+
+def _validate_job(job: Mapping[str, Any]) -> None:
+    check_id(_field(job, "job_id", str), "job id")
+    stage = _field(job, "stage", str)
+    if stage not in JOB_STAGES:
+        raise ProtocolError(f"job field 'stage' must be one of {', '.join(JOB_STAGES)}, got {stage!r}")
+    state = _field(job, "state", str)
+    if state not in JOB_STATES:
+        raise ProtocolError(f"job field 'state' must be one of {', '.join(JOB_STATES)}, got {state!r}")
+    for name in ("created", "updated"):
+        value = _field(job, name, (int, float))
+        if not math.isfinite(value) or value < 0:
+            raise ProtocolError(f"job field {name!r} must be a non-negative UNIX time, got {value!r}")
+    _field(job, "arguments", dict)
+    _field(job, "progress", dict, optional=True)
+    if state == "done":
+        _field(job, "result", dict)
+    if state == "failed":
+        _field(job, "error", str)
+
+
+def _validate_heartbeat(message: Mapping[str, Any]) -> None:
+    check_id(_field(message, "device_id", str), "device id")
+    for name in ("uptime_s", "interval_s"):
+        value = _field(message, name, (int, float))
+        if not math.isfinite(value) or value < 0:
+            raise ProtocolError(f"field {name!r} must be a non-negative number of seconds, got {value!r}")
+    telemetry = _field(message, "telemetry", dict)
+    for name in ("power", "temperatures", "cpu", "gpu"):
+        reading = _field(telemetry, name, dict)
+        if not isinstance(reading.get("available"), bool):
+            raise ProtocolError(f"telemetry {name!r} needs a boolean 'available'")
+        if not reading["available"] and not isinstance(reading.get("reason"), str):
+            raise ProtocolError(f"telemetry {name!r} is unavailable, so it needs a 'reason' string")
 
 
 _VALIDATORS = {
@@ -395,6 +577,10 @@ _VALIDATORS = {
     AGGREGATOR: _validate_aggregator,
     COORDINATOR_PRESENCE: _validate_presence,
     DEVICE_STATUS: _validate_status,
+    DEVICE_COMMAND: _validate_command,
+    DEVICE_REPLY: _validate_reply,
+    JOB_STATUS: _validate_job_status,
+    DEVICE_HEARTBEAT: _validate_heartbeat,
 }
 
 
@@ -511,8 +697,45 @@ def presence_message(coordinator_id: str, state: str, **details: Any) -> Dict[st
     return envelope(COORDINATOR_PRESENCE, coordinator_id, coordinator_id=coordinator_id, state=state, **details)
 
 
-def status_message(device_id: str, state: str) -> Dict[str, Any]:
-    return envelope(DEVICE_STATUS, device_id, device_id=device_id, state=state)
+def status_message(device_id: str, state: str, job: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Build a device status; the daemon adds the job it is working on, or the last one."""
+    if job is None:
+        return envelope(DEVICE_STATUS, device_id, device_id=device_id, state=state)
+    return envelope(DEVICE_STATUS, device_id, device_id=device_id, state=state, job=dict(job))
+
+
+def command_message(
+    sender: str, device_id: str, command: str, command_id: Optional[str] = None, arguments: Optional[Mapping[str, Any]] = None
+) -> Dict[str, Any]:
+    """Build a command for the daemon of `device_id`; a missing command id gets a fresh UUID (hex)."""
+    return envelope(
+        DEVICE_COMMAND,
+        sender,
+        device_id=device_id,
+        command_id=command_id or new_message_id(),
+        command=command,
+        arguments=dict(arguments or {}),
+    )
+
+
+def reply_message(device_id: str, command_id: str, command: str, status: str, **fields: Any) -> Dict[str, Any]:
+    """Build the daemon's reply to one command: `job`, `jobs`, `device` or `error` go in `fields`."""
+    if "error" in fields:
+        fields["error"] = str(fields["error"])[:MAX_REASON_CHARS]
+    return envelope(
+        DEVICE_REPLY, device_id, device_id=device_id, command_id=command_id, command=command[:64], status=status, **fields
+    )
+
+
+def job_status_message(device_id: str, job: Mapping[str, Any]) -> Dict[str, Any]:
+    return envelope(JOB_STATUS, device_id, device_id=device_id, job=dict(job))
+
+
+def heartbeat_message(device_id: str, uptime_s: float, interval_s: float, telemetry: Mapping[str, Any]) -> Dict[str, Any]:
+    return envelope(
+        DEVICE_HEARTBEAT, device_id, device_id=device_id, uptime_s=float(uptime_s), interval_s=float(interval_s),
+        telemetry=dict(telemetry),
+    )
 
 
 def content_checksum(content: str) -> str:

@@ -60,12 +60,16 @@ def proxies_command(as_json: bool) -> None:
 
 def _register_commands() -> None:
     from edge_runtime.cli_cloud import cloud
+    from edge_runtime.cli_daemon import daemon_command
     from edge_runtime.cli_personalize import personalize
+    from edge_runtime.cli_remote import remote
     from edge_runtime.cli_score import score_command
 
     main.add_command(score_command)
     main.add_command(personalize)
     main.add_command(cloud)
+    main.add_command(daemon_command)
+    main.add_command(remote)
     try:
         from edge_runtime.cli_calibrate import calibrate
     except ModuleNotFoundError as error:

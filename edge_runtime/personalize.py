@@ -73,6 +73,25 @@ class GradientRequest:
     dataset: Any = None
 
 
+class RunObserver:
+    """Callbacks that follow one run of `personalize`; the default does nothing.
+
+    A callback may raise to stop the run: the exception propagates after the cache and the
+    temporary files are closed, and no output is written. The device daemon uses this to
+    publish progress and to stop a job for a cancel command or a shutdown.
+    """
+
+    def stage_started(self, name: str) -> None:
+        """Called as each stage of `stage_seconds` starts: load, search, forward_ranking,
+        gradient_proxies, aggregation, measurement, choice, write."""
+
+    def candidate_scored(self, done: int, budget: int) -> None:
+        """Called after each candidate of the search is scored (or read from the cache)."""
+
+    def finalist_measured(self, done: int, total: int) -> None:
+        """Called after each finalist is exported and measured."""
+
+
 # A gradient source maps a request to {architecture string: {proxy: ProxyResult}}. It has a
 # `name` attribute, written to subnet.json as `gradient_source` ("local" or "cloud"). It may
 # also have `fetch_aggregator(space_name)`, returning (file, metadata) of the last good
@@ -237,6 +256,7 @@ def personalize(
     measure: Optional[MeasureSettings] = None,
     ranking: Optional[ProxyRanking] = None,
     progress: Optional[bool] = None,
+    observer: Optional[RunObserver] = None,
 ) -> PersonalizeResult:
     """Search `space` for the subnet that suits `data` and this machine, and write it to `out_dir`.
 
@@ -265,6 +285,7 @@ def personalize(
             `cloud_sync.client.CloudGradientSource` gets them from the cloud coordinators.
         power_meter: None opens the first available source (jtop, sysfs, else unavailable).
         progress: progress bars on stderr; None shows them when stderr is a terminal.
+        observer: receives each stage, scored candidate and measured finalist (`RunObserver`).
 
     Raises EdgeNasError, with a message naming the value and the fix, for every mistake a user can fix.
     KeyboardInterrupt propagates after the cache and the temporary files are closed.
@@ -279,6 +300,7 @@ def personalize(
     ranking = ranking or default_ranking()
     measure = measure or MeasureSettings()
     gradient_source = gradient_source or LocalGradientSource()
+    observer = observer or RunObserver()
     source_name = getattr(gradient_source, "name", None)
     if source_name not in ("local", "cloud"):
         raise TypeError(f"a gradient source needs a `name` attribute, 'local' or 'cloud', got {source_name!r}")
@@ -295,7 +317,7 @@ def personalize(
                 f"({meter.reason}); remove the limit or run on a Jetson with jetson-stats or readable INA3221 rails"
             )
 
-        with _stage(stage_seconds, "load"):
+        with _stage(stage_seconds, "load", observer):
             space_options = space_settings(space, input_size, width_mult)
             # An image folder is read at the network's input size, so its images are resized once.
             dataset = data if isinstance(data, ImageDataset) else load_dataset(
@@ -321,13 +343,14 @@ def personalize(
 
         score_cache = _open_cache(cache, stack)
         try:
-            with _stage(stage_seconds, "search"):
+            with _stage(stage_seconds, "search", observer):
                 candidates = _search(
-                    search_space, limits, budget, search, seed, inputs, labels, protocol, score_cache, ranking, progress
+                    search_space, limits, budget, search, seed, inputs, labels, protocol, score_cache, ranking, progress,
+                    observer,
                 )
-            with _stage(stage_seconds, "forward_ranking"):
+            with _stage(stage_seconds, "forward_ranking", observer):
                 chosen_finalists = _select_finalists(search_space, candidates, ranking, finalists)
-            with _stage(stage_seconds, "gradient_proxies"):
+            with _stage(stage_seconds, "gradient_proxies", observer):
                 request = GradientRequest(
                     space=search_space,
                     archs=[f.arch for f in chosen_finalists],
@@ -342,12 +365,12 @@ def personalize(
                 _merge_gradient_results(chosen_finalists, gradient_source(request), request)
             # A cloud source that fell back to local computation renames itself, so read the name after the call.
             source_name = getattr(gradient_source, "name", source_name)
-            with _stage(stage_seconds, "aggregation"):
+            with _stage(stage_seconds, "aggregation", observer):
                 _aggregate(chosen_finalists, ranking, loaded_aggregator)
             temporary = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-nas-finalists-")))
-            with _stage(stage_seconds, "measurement"):
-                _measure_all(search_space, chosen_finalists, seed, meter, measure, temporary, progress)
-            with _stage(stage_seconds, "choice"):
+            with _stage(stage_seconds, "measurement", observer):
+                _measure_all(search_space, chosen_finalists, seed, meter, measure, temporary, progress, observer)
+            with _stage(stage_seconds, "choice", observer):
                 chosen = choose_finalist(chosen_finalists, limits)
         except KeyboardInterrupt:
             logger.warning(
@@ -356,6 +379,7 @@ def personalize(
             )
             raise
 
+        observer.stage_started("write")
         write_started = time.perf_counter()
         subnet = _subnet_record(
             search_space, dataset, chosen, chosen_finalists, limits, protocol, ranking, aggregator_record,
@@ -474,7 +498,9 @@ def _load_aggregator(
 
 
 @contextmanager
-def _stage(seconds: Dict[str, float], name: str) -> Iterator[None]:
+def _stage(seconds: Dict[str, float], name: str, observer: Optional[RunObserver] = None) -> Iterator[None]:
+    if observer is not None:
+        observer.stage_started(name)
     start = time.perf_counter()
     try:
         yield
@@ -506,6 +532,7 @@ def _search(
     cache: ScoreCache,
     ranking: ProxyRanking,
     progress: bool,
+    observer: RunObserver,
 ) -> List[Candidate]:
     from tqdm import tqdm
 
@@ -519,10 +546,18 @@ def _search(
     def rank(population: Sequence[Candidate]) -> List[float]:
         return ranking.rank_forward([c.results for c in population])
 
+    scored = 0
     with tqdm(total=budget, desc=f"{strategy} search", unit="arch", disable=not progress, leave=False) as bar:
+
+        def on_candidate(_: Candidate) -> None:
+            nonlocal scored
+            scored += 1
+            bar.update(1)
+            observer.candidate_scored(scored, budget)
+
         candidates = run_search(
             strategy, space, budget, evaluate, rank, random.Random(seed), limits.cost_limits(),
-            on_candidate=lambda _: bar.update(1),
+            on_candidate=on_candidate,
         )
     logger.info("scored %d candidates with %s", len(candidates), ", ".join(proxies))
     return candidates
@@ -587,6 +622,7 @@ def _measure_all(
     settings: MeasureSettings,
     folder: Path,
     progress: bool,
+    observer: RunObserver,
 ) -> None:
     from tqdm import tqdm
 
@@ -596,6 +632,7 @@ def _measure_all(
         finalist.onnx_path = path
         finalist.power_unavailable_reason = meter.reason
         logger.info("%s: p50 %.3f ms on %s", finalist.arch, finalist.latency.p50_ms, finalist.latency.execution_provider)
+        observer.finalist_measured(position + 1, len(finalists))
 
 
 def choose_finalist(finalists: Sequence[Finalist], limits: Limits) -> Finalist:
