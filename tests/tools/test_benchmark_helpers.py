@@ -101,3 +101,18 @@ def test_tenas_rank_sum_keeps_invalid_empty():
     assert values[0] == pytest.approx(1.0 + 2.0)
     assert values[2] == pytest.approx(3.0 + 1.0)
     assert values[3] == pytest.approx(2.0 + 3.0)
+
+
+def test_sweep_points_grouped_by_kind():
+    import plot_sweep
+
+    table = [
+        {"dataset": "cifar10", "proxy": "fc_r0.4", "rho_mean": 0.6, "rho_sd": 0.01},
+        {"dataset": "cifar10", "proxy": "fc_r0.2", "rho_mean": 0.7, "rho_sd": 0.02},
+        {"dataset": "cifar10", "proxy": "fgnas with fc_r0.2", "rho_mean": 0.9, "rho_sd": 0.0},
+        {"dataset": "cifar10", "proxy": "fgnas_fc", "rho_mean": 0.5, "rho_sd": 0.0},
+    ]
+    series = plot_sweep.collect(table, "fc_r")
+    assert series[("cifar10", "alone")] == [(0.2, 0.7, 0.02), (0.4, 0.6, 0.01)]
+    assert series[("cifar10", "fgnas")] == [(0.2, 0.9, 0.0)]
+    assert len(series) == 2
