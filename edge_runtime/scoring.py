@@ -33,7 +33,8 @@ class ScoringProtocol:
     space_options: Dict[str, Any] = field(default_factory=dict)
 
     def key_for(self, proxy: str) -> str:
-        options = get_proxy(proxy).default_options()
+        spec = get_proxy(proxy)
+        options = spec.default_options()
         options.update(self.proxy_options.get(proxy, {}))
         fields: Dict[str, Any] = {
             "num_classes": self.num_classes,
@@ -47,6 +48,8 @@ class ScoringProtocol:
         # Added only when set, so the keys of spaces without such options stay as they were.
         if self.space_options:
             fields["space_options"] = dict(self.space_options)
+        if spec.revision != 1:
+            fields["revision"] = spec.revision
         return protocol_key(**fields)
 
     def as_dict(self) -> Dict[str, Any]:

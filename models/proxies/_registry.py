@@ -55,6 +55,9 @@ class ProxySpec:
     forward_needs: FrozenSet[str] = frozenset()
     options: Tuple[Tuple[str, Any], ...] = ()
     description: str = ""
+    # Raised by one whenever the code changes the proxy's value for the same options, so that
+    # score caches stop returning values computed by the older code.
+    revision: int = 1
 
     @property
     def forward_only(self) -> bool:
@@ -91,6 +94,7 @@ def register_proxy(
     forward_needs: Tuple[str, ...] = (),
     options: Optional[Dict[str, Any]] = None,
     description: str = "",
+    revision: int = 1,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `compute(context, **options)` under `name`."""
 
@@ -108,6 +112,7 @@ def register_proxy(
             forward_needs=frozenset(forward_needs),
             options=tuple(sorted((options or {}).items())),
             description=description or _first_line(compute.__doc__),
+            revision=revision,
         )
         return compute
 

@@ -209,6 +209,20 @@ def test_cache_key_includes_width_mult():
     assert narrow.key_for("params") != wide.key_for("params")
 
 
+def test_cache_key_follows_proxy_revision(monkeypatch):
+    from dataclasses import replace
+
+    from edge_runtime.scoring import ScoringProtocol
+    from models.proxies import _registry
+
+    protocol = ScoringProtocol("nb201", 10, 32, "hash", 8, 0)
+    first = protocol.key_for("naswot")
+    assert "revision" not in first
+    monkeypatch.setitem(_registry._PROXIES, "naswot", replace(_registry._PROXIES["naswot"], revision=2))
+    assert protocol.key_for("naswot") != first
+    assert '"revision":2' in protocol.key_for("naswot")
+
+
 class FakeCloudSource:
     """A gradient source that only reports a received aggregator."""
 
