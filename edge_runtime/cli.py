@@ -44,18 +44,23 @@ def main(verbose: int) -> None:
 @main.command("proxies")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def proxies_command(as_json: bool) -> None:
-    """List the zero-cost proxies with what each needs and where it may run."""
+    """List the zero-cost proxies and the aggregates, with what each needs and where it may run."""
+    from models.aggregation import AGGREGATES
     from models.proxies import get_proxy, list_proxies
 
     specs = [get_proxy(name).describe() for name in list_proxies()]
+    aggregates = [{"name": name, "aggregate": True, "components": list(parts)} for name, parts in AGGREGATES.items()]
     if as_json:
-        click.echo(json.dumps(specs, indent=2))
+        click.echo(json.dumps(specs + aggregates, indent=2))
         return
     for spec in specs:
         needs = ", ".join(
             word for word, flag in (("gradients", spec["needs_gradients"]), ("labels", spec["needs_labels"])) if flag
         )
         click.echo(f"{spec['name']:<16} {'/'.join(spec['runs_on']):<13} needs: {needs or 'forward pass only':<18} {spec['description']}")
+    click.echo("\nAggregates (rank the architectures of one run together):")
+    for entry in aggregates:
+        click.echo(f"{entry['name']:<16} combines {', '.join(entry['components'])}")
 
 
 def _register_commands() -> None:

@@ -144,3 +144,12 @@ def test_installed_command_prints_no_traceback(tmp_path, small_npz):
     assert completed.returncode == 1
     assert completed.stderr.startswith("error: ")
     assert "Traceback" not in completed.stderr
+
+
+def test_proxies_command_lists_aggregates():
+    result = CliRunner().invoke(main, ["proxies"])
+    assert result.exit_code == 0
+    assert "naswot" in result.output
+    assert "fgnas-forward    combines fgnas_fc, params" in result.output
+    listed = json.loads(CliRunner().invoke(main, ["proxies", "--json"]).output)
+    assert {"name": "fgnas", "aggregate": True, "components": ["fgnas_fc", "fgnas_gi", "fgnas_gc", "params"]} in listed
