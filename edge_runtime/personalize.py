@@ -295,6 +295,7 @@ def personalize(
     if progress is None:
         progress = sys.stderr.isatty()
     _check_counts(budget, finalists, batch_size, search)
+    created_out_dir = not Path(out_dir).exists()
     out_dir = ensure_writable_dir(Path(out_dir))
     import_onnxruntime()  # fail before the search, not after it
     ranking = ranking or default_ranking()
@@ -307,6 +308,9 @@ def personalize(
     stage_seconds: Dict[str, float] = {}
 
     with ExitStack() as stack:
+        if created_out_dir:
+            # A run that fails before writing leaves no empty output folder behind.
+            stack.callback(_remove_if_empty, out_dir)
         meter = power_meter if power_meter is not None else open_power_meter()
         if power_meter is None:
             stack.callback(meter.close)
@@ -405,6 +409,13 @@ def personalize(
         stage_seconds=dict(stage_seconds),
         subnet=subnet,
     )
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # The folder holds the results, or something else the user put there.
 
 
 def _remove_if_present(path: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -144,6 +145,7 @@ def test_latency_limit_no_finalist_meets(shared_cache, out_dir):
     result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--budget", "2", "--finalists", "1",
                      "--batch-size", "8", "--max-latency-ms", "0.0001", "--cache", shared_cache)
     assert_one_line_error(result, "--max-latency-ms", "the fastest of the 1 finalists takes")
+    assert not os.path.exists(out_dir)  # the folder this run created is removed again
 
 
 def test_aggregator_wrong_format(out_dir, tmp_path):
