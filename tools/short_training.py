@@ -7,7 +7,7 @@ epochs on one part of the real CIFAR-10 sample and tested on the rest. Every pro
 subnets on a probe batch of the same CIFAR-10 sample; the report gives the signed Spearman rho
 between each proxy and the short-training accuracy with a bootstrap 95% interval.
 
-    OMP_NUM_THREADS=1 python tools/short_training.py --archs 16 --epochs 30 --out docs/benchmarks/mbv2_short_training
+    OMP_NUM_THREADS=1 python tools/short_training.py --archs 16 --epochs 30 --retrain 4 --out docs/benchmarks/mbv2_short_training
 
 Each trained subnet is stored in PREFIX.trained.jsonl as soon as it finishes, so an
 interrupted run (Ctrl-C) continues with the next subnet. Proxy scores use the SQLite cache
@@ -99,22 +99,30 @@ def train_and_evaluate(network, train_x, train_y, test_x, test_y, *, epochs: int
     return {"accuracy": 100.0 * correct / len(test_x), "final_loss": loss, "train_seconds": train_seconds}
 
 
-def bootstrap_interval(values: Sequence[Optional[float]], accuracy: Sequence[float], higher_is_better: bool,
-                       resamples: int, seed: int) -> Tuple[float, float]:
-    """Return the percentile 95% interval of Spearman rho over architectures drawn with replacement, invalid values last."""
-    oriented = [v if v is None or higher_is_better else -v for v in values]
-    proxy_ranks = rank_with_invalid_last(oriented)
+def bootstrap_interval(values_per_seed: Sequence[Sequence[Optional[float]]], accuracy: Sequence[float],
+                       higher_is_better: bool, resamples: int, seed: int) -> Tuple[float, float]:
+    """Return the percentile 95% interval of the seed-mean Spearman rho, drawing architectures with replacement.
+
+    Each resample draws one set of architectures and averages rho over the scoring seeds on
+    it, so the interval describes the same statistic as the reported mean. Invalid values rank last.
+    """
     truth = np.asarray(accuracy, dtype=np.float64)
     draws = np.random.default_rng(seed).integers(0, len(truth), size=(resamples, len(truth)))
-    x = stats.rankdata(proxy_ranks[draws], axis=1)
-    y = stats.rankdata(truth[draws], axis=1)
-    x -= x.mean(axis=1, keepdims=True)
-    y -= y.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
-    usable = denominator > 0
-    rhos = (x * y).sum(axis=1)[usable] / denominator[usable]
-    low, high = np.percentile(rhos, [2.5, 97.5])
+    y = _centred_ranks(truth[draws])
+    total = np.zeros(resamples)
+    for values in values_per_seed:
+        oriented = [v if v is None or higher_is_better else -v for v in values]
+        x = _centred_ranks(rank_with_invalid_last(oriented)[draws])
+        denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+        # A resample with a constant side has no defined rho; it counts as 0.
+        total += np.divide((x * y).sum(axis=1), denominator, out=np.zeros(resamples), where=denominator > 0)
+    low, high = np.percentile(total / len(values_per_seed), [2.5, 97.5])
     return float(low), float(high)
+
+
+def _centred_ranks(rows: np.ndarray) -> np.ndarray:
+    ranks = stats.rankdata(rows, axis=1)
+    return ranks - ranks.mean(axis=1, keepdims=True)
 
 
 def settings_key(settings: Dict[str, object]) -> str:
@@ -185,7 +193,8 @@ def summarise(columns_by_seed, accuracy: List[float], resamples: int) -> List[Di
             higher = True  # An aggregate, which ranks higher-is-better by construction.
         rhos = [correlations(columns[name], accuracy, higher)[0] for columns in columns_by_seed.values()]
         taus = [correlations(columns[name], accuracy, higher)[1] for columns in columns_by_seed.values()]
-        low, high = bootstrap_interval(first[name], accuracy, higher, resamples, seed=0)
+        low, high = bootstrap_interval([columns[name] for columns in columns_by_seed.values()], accuracy, higher,
+                                       resamples, seed=0)
         rows.append({
             "proxy": name,
             "rho_mean": float(np.mean(rhos)),
@@ -220,7 +229,7 @@ def render(rows, trained: List[Dict[str, object]], settings, command: str, wall_
         f"Proxies scored each subnet on a probe batch of {settings['probe_batch']} images of the sample, seeds "
         f"{', '.join(map(str, seeds))}; aggregates rank this population of {len(trained)}. rho is the signed Spearman "
         "correlation with the short-training accuracy (mean and sd over the scoring seeds); the 95% interval is a "
-        "percentile bootstrap over subnets for the first seed. With this few subnets the interval is wide: read it "
+        "percentile bootstrap over subnets of the seed-mean rho. With this few subnets the interval is wide: read it "
         "before the point value. Short training favours networks that learn fast, which is not the same as the "
         "final accuracy that NAS-Bench-201 records.",
         "",
@@ -236,6 +245,27 @@ def render(rows, trained: List[Dict[str, object]], settings, command: str, wall_
         lines.append(f"| `{record['arch']}` | {record['params']:,} | {record['flops'] / 1e6:.1f} | "
                      f"{record['accuracy']:.2f} | {record['train_seconds'] / 60:.1f} |")
     lines += ["", f"Wall time {wall_s:.0f} s (training and scoring; subnets read back from the record cost nothing)."]
+    return "\n".join(lines) + "\n"
+
+
+def render_noise(pairs: Sequence[Tuple[float, float]], accuracy: Sequence[float]) -> str:
+    """Describe how far a second training run moves each subnet's accuracy, next to the spread between subnets."""
+    if not pairs:
+        return ""
+    differences = [abs(a - b) for a, b in pairs]
+    lines = [
+        "",
+        "## Training noise",
+        "",
+        f"The first {len(pairs)} subnets were trained a second time with other initial weights and batch order. "
+        f"The accuracy moved by {np.mean(differences):.2f} points on average (largest {max(differences):.2f}), while "
+        f"the accuracies of the {len(accuracy)} subnets have a standard deviation of {np.std(accuracy, ddof=1):.2f} "
+        "points. Where the two are close, no proxy can rank these subnets reliably against this target.",
+        "",
+        "| subnet | first run % | second run % |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {number} | {a:.2f} | {b:.2f} |" for number, (a, b) in enumerate(pairs, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--test-images", type=int, default=1000, help="held-out images; the rest train")
+    parser.add_argument("--retrain", type=int, default=0, help="train the first N subnets twice to measure training noise")
     parser.add_argument("--proxies", default=DEFAULT_PROXIES)
     parser.add_argument("--seeds", default="0,1,2", help="proxy scoring seeds")
     parser.add_argument("--probe-batch", type=int, default=64)
@@ -314,24 +345,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     done = load_trained(record_path, key)
     train_x, test_x = (data.to_tensor(index, size=args.input_size) for index in (train_index, test_index))
     train_y, test_y = (torch.from_numpy(data.labels[index].astype(np.int64)) for index in (train_index, test_index))
+    def train(text: str, init_seed: int, train_seed: int, run_key: str) -> Dict[str, object]:
+        arch = space.parse(text)
+        network = build_seeded(lambda: space.build(arch), init_seed)
+        outcome = train_and_evaluate(network, train_x, train_y, test_x, test_y, epochs=args.epochs,
+                                     batch_size=args.train_batch, lr=args.lr, weight_decay=args.weight_decay,
+                                     seed=train_seed)
+        record = {"arch": text, "settings": run_key, "params": space.params(arch), "flops": space.flops(arch), **outcome}
+        append_record(record_path, record)
+        return record
+
+    # The repeat runs train the first --retrain subnets again with other initial weights and batch
+    # order, which measures how far training noise alone moves the accuracy.
+    repeat_key = key + "-repeat"
+    repeats = load_trained(record_path, repeat_key)
+    jobs = [(text, args.sample_seed, position, key, done) for position, text in enumerate(arch_texts, 1)]
+    jobs += [(text, args.sample_seed + 1, 1000 + position, repeat_key, repeats)
+             for position, text in enumerate(arch_texts[:args.retrain], 1)]
     try:
-        for position, text in enumerate(arch_texts, 1):
-            if text in done:
+        for number, (text, init_seed, train_seed, run_key, store) in enumerate(jobs, 1):
+            if text in store:
                 continue
-            arch = space.parse(text)
-            network = build_seeded(lambda: space.build(arch), args.sample_seed)
-            outcome = train_and_evaluate(network, train_x, train_y, test_x, test_y, epochs=args.epochs,
-                                         batch_size=args.train_batch, lr=args.lr, weight_decay=args.weight_decay,
-                                         seed=position)
-            record = {"arch": text, "settings": key, "params": space.params(arch), "flops": space.flops(arch),
-                      **outcome}
-            append_record(record_path, record)
-            done[text] = record
-            logger.info("[%d/%d] %s: %.2f %% after %.1f min", position, len(arch_texts), text, outcome["accuracy"],
-                        outcome["train_seconds"] / 60)
+            store[text] = train(text, init_seed, train_seed, run_key)
+            logger.info("[%d/%d] %s: %.2f %% after %.1f min", number, len(jobs), text, store[text]["accuracy"],
+                        store[text]["train_seconds"] / 60)
     except KeyboardInterrupt:
-        logger.info("interrupted: %d of %d subnets trained are kept in %s; run the same command to continue",
-                    len(done), len(arch_texts), record_path)
+        logger.info("interrupted: %d of %d training runs are kept in %s; run the same command to continue",
+                    len(done) + len(repeats), len(jobs), record_path)
         return 130
 
     trained = [done[text] for text in arch_texts]
@@ -342,9 +382,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = summarise(columns_by_seed, accuracy, args.resamples)
     command = "OMP_NUM_THREADS=1 python tools/short_training.py " + " ".join(sys.argv[1:] if argv is None else argv)
     wall_s = time.perf_counter() - started
-    args.out.with_suffix(".md").write_text(render(rows, trained, settings, command, wall_s, seeds))
+    noise = [(done[text]["accuracy"], repeats[text]["accuracy"]) for text in arch_texts[:args.retrain]]
+    args.out.with_suffix(".md").write_text(render(rows, trained, settings, command, wall_s, seeds) + render_noise(noise, accuracy))
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "settings": settings, "rows": rows, "trained": trained,
+        {"command": command, "settings": settings, "rows": rows, "trained": trained, "repeat_pairs": noise,
          "scores": {str(s): c for s, c in columns_by_seed.items()}}, indent=1, sort_keys=True))
     plot(columns_by_seed[seeds[0]], accuracy, args.out.with_suffix(".png"))
     for row in rows:

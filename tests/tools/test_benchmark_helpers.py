@@ -73,14 +73,14 @@ def test_bootstrap_interval_contains_point_value():
     truth = rng.normal(size=30)
     values = list(truth + rng.normal(scale=0.5, size=30))
     rho = stats.spearmanr(values, truth)[0]
-    low, high = short_training.bootstrap_interval(values, list(truth), True, 2000, seed=0)
+    low, high = short_training.bootstrap_interval([values], list(truth), True, 2000, seed=0)
     assert low < rho < high
     assert high - low < 0.5
 
 
 def test_bootstrap_interval_follows_direction():
     truth = list(range(20))
-    low, high = short_training.bootstrap_interval([-t for t in truth], truth, False, 500, seed=0)
+    low, high = short_training.bootstrap_interval([[-t for t in truth]] * 2, truth, False, 500, seed=0)
     assert low == pytest.approx(1.0)
     assert high == pytest.approx(1.0)
 
