@@ -7,6 +7,7 @@ progress and result on `.../jobs/<job id>` (retained). It imports neither torch 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import time
 import uuid
@@ -58,9 +59,12 @@ class RemoteDevice:
         """Connect with a clean session; raise EdgeNasError when the broker rejects it or does not reply in time."""
         address = self.settings.address
         try:
-            self._client.connect_async(address.host, address.port, keepalive=self.settings.keepalive_s, clean_start=True)
+            # Connecting here, not in paho's thread, fails at once with the reason (refused, unknown host, TLS).
+            self._client.connect(address.host, address.port, keepalive=self.settings.keepalive_s, clean_start=True)
         except (OSError, ValueError) as error:
-            raise EdgeNasError(f"cannot connect to the broker at {address.url}: {error}") from None
+            raise EdgeNasError(
+                f"cannot connect to the broker at {address.url}: {error}; check --broker and that the broker runs"
+            ) from None
         self._client.loop_start()
         reason = self._expect("connected", None, CONNECT_TIMEOUT_S)
         if reason is None:
@@ -144,6 +148,12 @@ class RemoteDevice:
             return None
 
 
+def _positive_seconds(context: click.Context, parameter: click.Parameter, value: Optional[float]) -> Optional[float]:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a positive number of seconds, got {value}")
+    return value
+
+
 def _broker_options(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--broker", "broker_url", required=True, metavar="URL",
@@ -153,7 +163,7 @@ def _broker_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--password-file", type=click.Path(dir_okay=False), help="File whose first line is the broker password."),
         click.option("--ca-file", type=click.Path(dir_okay=False), help="CA certificate that signed the broker's TLS certificate."),
         click.option("--timeout", "timeout_s", type=float, default=DEFAULT_REPLY_TIMEOUT_S, show_default=True,
-                     metavar="SECONDS", help="How long to wait for the device's reply."),
+                     metavar="SECONDS", callback=_positive_seconds, help="How long to wait for the device's reply."),
         click.option("--json", "as_json", is_flag=True, help="Print the reply or the job as JSON on stdout."),
     ]
     for option in reversed(options):
@@ -185,7 +195,7 @@ def remote() -> None:
               help="Command id, which becomes the job id (default: a fresh UUID). Sending the same id again "
                    "returns the same job instead of starting another.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end and print its result.")
-@click.option("--wait-timeout", type=float, metavar="SECONDS", help="With --wait, stop waiting after this long (default: no limit).")
+@click.option("--wait-timeout", type=float, metavar="SECONDS", callback=_positive_seconds, help="With --wait, stop waiting after this long (default: no limit).")
 def personalize_command(
     broker_url: str,
     device_id: str,
@@ -340,12 +350,12 @@ def _await_reply(device: RemoteDevice, command_id: str, timeout_s: float) -> Dic
 def _no_reply_message(device: RemoteDevice, timeout_s: float) -> str:
     status = device.last_status
     if status is None:
-        known = "no daemon has published a status for it"
-    else:
-        moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["timestamp"]))
-        known = f"its last status is {status['state']} (at {moment})"
-    return (f"no reply from device {device.device_id} within {timeout_s:g} s ({known}); the broker keeps the command "
-            "for the daemon's session until it reconnects, or raise --timeout")
+        # Without a status, the daemon has probably never connected, so the broker has no session to keep the command in.
+        return (f"no reply from device {device.device_id} within {timeout_s:g} s, and no daemon with this device id "
+                "has published a status on this broker; check --device and --broker, and that the daemon runs")
+    moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["timestamp"]))
+    return (f"no reply from device {device.device_id} within {timeout_s:g} s (its last status is {status['state']} "
+            f"at {moment}); the broker keeps the command for the daemon's session until it reconnects, or raise --timeout")
 
 
 def _await_end(device: RemoteDevice, job: Dict[str, Any], wait_timeout: Optional[float]) -> Dict[str, Any]:

@@ -81,10 +81,14 @@ class Daemon:
         self._last_progress: Dict[str, Tuple[str, float]] = {}
         self._next_heartbeat = time.monotonic()
         self._rejected = _RateLimitedLog(REJECTED_LOG_PER_MINUTE)
+        self._connect_failures = 0
+        self._next_connect_warning = 0.0
         self.worker_failed = False
 
         for folder in (config.state_dir, config.results_dir):
             _make_dir(folder)
+        # Two daemons on one job store would both run each job, and each would mark the other's attempts lost.
+        self._lock_file = _lock_state_dir(config.state_dir)
         self.store = JobStore(config.jobs_path)
         self.folders = ResultFolders(config.results_dir)
         if power_meter is None:
@@ -122,15 +126,20 @@ class Daemon:
     def run(self) -> bool:
         """Serve until the stop event is set; return whether the worker thread stopped in time."""
         self._lost_attempt_check()
+        self._remove_stale_partials()
         self._connect()
         self._worker.start()
         logger.info("daemon of device %s started; state in %s; broker %s",
                     self.device_id, self.config.state_dir, self.config.broker.url)
+        if not self.config.data_dir.is_dir():
+            logger.warning("the data folder %s does not exist; jobs without a data path and the folder watch find "
+                           "no images until it is created", self.config.data_dir)
         self.notifier.ready(f"serving device {self.device_id}")
         next_watchdog = time.monotonic()
         next_watch = time.monotonic()
         while not self.stop.is_set():
             self._pump(0.2)
+            self._rejected.flush()
             now = time.monotonic()
             if now >= self._next_heartbeat and self._connected:
                 self._publish_heartbeat()
@@ -163,7 +172,9 @@ class Daemon:
         self._pump(0.0)
         client, self._client = self._client, None
         if client is not None:
-            info = self._publish_status("offline", client=client)
+            # Without a connection nothing can be published. After a lost connection the broker has
+            # already published the last will, which is the same offline status.
+            info = self._publish_status("offline", client=client) if self._connected else None
             if info is not None:
                 try:
                     info.wait_for_publish(timeout=1.0)
@@ -175,9 +186,18 @@ class Daemon:
         if stopped:
             self.store.close()
             self.power_meter.close()
+            self._lock_file.close()
         self.notifier.close()
         logger.info("daemon of device %s stopped", self.device_id)
         return stopped
+
+    def _remove_stale_partials(self) -> None:
+        """Remove the partial result folders of ended or unknown jobs, which a crash after the job ended can leave."""
+        for job_id in self.folders.partial_job_ids():
+            job = self.store.get(job_id)
+            if job is None or job.final:
+                logger.info("removing the partial result folder of job %s, which has ended or is unknown", job_id)
+                self.folders.discard(job_id)
 
     def _lost_attempt_check(self) -> None:
         """Record the stage attempts that a crash cut short, and fail a job after MAX_LOST_ATTEMPTS of them.
@@ -208,6 +228,7 @@ class Daemon:
             ("connected", (reason, bool(flags.session_present)))
         )
         client.on_disconnect = lambda c, u, flags, reason, p: self._events.put(("disconnected", str(reason)))
+        client.on_connect_fail = lambda c, u: self._events.put(("connect_failed", None))
         client.on_message = lambda c, u, message: self._events.put(("message", (message.topic, message.payload)))
         client.on_publish = lambda c, u, mid, reason, p: self._events.put(("published", (mid, reason)))
         address = settings.address
@@ -239,6 +260,8 @@ class Daemon:
                 logger.warning("the broker at %s rejected the connection: %s; retrying", self.config.broker.url, reason)
                 return
             self._connected = True
+            self._connect_failures = 0
+            self._next_connect_warning = 0.0
             # Publishes not acknowledged before the connection dropped are made again below.
             self._final_publishes.clear()
             self._next_heartbeat = time.monotonic()
@@ -253,6 +276,15 @@ class Daemon:
                 logger.warning("lost the connection to the broker (%s); reconnecting", details)
                 self.notifier.status(f"serving device {self.device_id}, reconnecting to {self.config.broker.url}")
             self._connected = False
+        elif kind == "connect_failed":
+            # paho retries every 1 to 10 s and gives no reason. One warning a minute reports that it keeps retrying.
+            self._connect_failures += 1
+            now = time.monotonic()
+            if now >= self._next_connect_warning:
+                logger.warning("cannot connect to the broker at %s (failed attempts so far: %d); retrying; check "
+                               "broker.url and that the broker runs", self.config.broker.url, self._connect_failures)
+                self.notifier.status(f"serving device {self.device_id}, cannot connect to {self.config.broker.url}")
+                self._next_connect_warning = now + 60.0
         elif kind == "message":
             self._on_message(*details)
         elif kind == "published":
@@ -278,7 +310,8 @@ class Daemon:
         properties = None
         if expiry_s is not None:
             properties = Properties(PacketTypes.PUBLISH)
-            properties.MessageExpiryInterval = max(1, int(expiry_s))
+            # MQTT 5 sends the expiry as a 32-bit unsigned integer.
+            properties.MessageExpiryInterval = min(max(1, int(expiry_s)), 2**32 - 1)
         return client.publish(topic, protocol.encode_message(message), qos=1, retain=retain, properties=properties)
 
     def _publish_status(self, state: str, client: Any = None) -> Any:
@@ -380,7 +413,7 @@ class Daemon:
             else:
                 self._command_cancel(command_id, message.get("arguments") or {})
         except EdgeNasError as error:
-            logger.warning("rejected command %s %s: %s", command, command_id, error)
+            self._rejected.log(f"rejected command {command} {command_id}: {error}")
             self._reply(command_id, command, "error", error=str(error))
         except Exception as error:  # A bug in one command must not stop the daemon.
             logger.exception("command %s %s failed with an internal error", command, command_id)
@@ -457,6 +490,8 @@ class Daemon:
             if job.final:
                 raise EdgeNasError(f"job {job_id} has already ended ({job.stage}); there is nothing to cancel")
             if job_id == self._active_job:
+                # Stored, so that the job ends cancelled even when the daemon stops before the next checkpoint.
+                self.store.request_cancel(job_id)
                 self._cancel.set()
                 logger.info("cancelling job %s at its next checkpoint", job_id)
                 self._reply(command_id, protocol.COMMAND_CANCEL, "accepted", job=self._describe(job))
@@ -489,6 +524,9 @@ class Daemon:
                 self._active_job = job.job_id if job is not None else None
                 self._cancel = threading.Event()
                 cancel = self._cancel
+                if job is not None and self.store.cancel_requested(job.job_id):
+                    logger.info("job %s was cancelled before the previous daemon process stopped; ending it", job.job_id)
+                    cancel.set()
             if job is None:
                 self._wake_worker.wait(1.0)
                 self._wake_worker.clear()
@@ -600,13 +638,18 @@ def resolve_data(data: Optional[str], data_dir: Path) -> str:
 
     if data in BUILTIN_SAMPLES:
         return str(data)
-    root = Path(data_dir).resolve()
-    path = (root / data).resolve() if data else root
+    try:
+        root = Path(data_dir).resolve()
+        path = (root / data).resolve() if data else root
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as error:
+        # ValueError: a NUL character; OSError or RuntimeError: a symbolic link loop, by Python version.
+        raise EdgeNasError(f"data path {data!r} is not a usable path: {error}; send a plain path inside the data folder") from None
     if path != root and root not in path.parents:
         raise EdgeNasError(
             f"data path {data} lies outside the data folder {root}; put the images under it or change data_dir"
         )
-    if not path.exists():
+    if not exists:
         raise EdgeNasError(f"data path {path} does not exist on device; copy the images there first")
     return str(path)
 
@@ -621,16 +664,21 @@ class _RateLimitedLog:
         self.suppressed = 0
 
     def log(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self.window_start >= 60.0:
-            if self.suppressed:
-                logger.warning("left out %d more rejected messages in the last minute", self.suppressed)
-            self.window_start, self.logged, self.suppressed = now, 0, 0
+        self.flush()
         if self.logged < self.per_minute:
             self.logged += 1
             logger.warning("%s", text)
         else:
             self.suppressed += 1
+
+    def flush(self) -> None:
+        """Log the count of the lines left out once their minute has passed, and start a new minute."""
+        now = time.monotonic()
+        if now - self.window_start < 60.0:
+            return
+        if self.suppressed:
+            logger.warning("left out %d more rejected messages in the last minute", self.suppressed)
+        self.window_start, self.logged, self.suppressed = now, 0, 0
 
 
 def run_daemon(config: DaemonConfig) -> int:
@@ -682,6 +730,36 @@ def _step_delay(environ: Mapping[str, str]) -> float:
         raise EdgeNasError(f"{STEP_DELAY_VARIABLE}={text!r} is not a number of seconds; unset it") from None
     logger.warning("%s=%g: every job step pauses %g s (a test hook; unset it in service)", STEP_DELAY_VARIABLE, delay, delay)
     return max(0.0, delay)
+
+
+def _lock_state_dir(state_dir: Path) -> Any:
+    """Take an exclusive lock on `<state_dir>/daemon.lock` for the life of the process; return the open file.
+
+    Raises EdgeNasError naming the other daemon's process id when it holds the lock.
+    """
+    import fcntl
+
+    path = state_dir / "daemon.lock"
+    try:
+        handle = open(str(path), "a+")
+    except OSError as error:
+        raise EdgeNasError(
+            f"cannot open {path}: {error.strerror or error}; set state_dir to a folder writable by the daemon's user"
+        ) from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise EdgeNasError(
+            f"another edge-nas daemon (process {owner}) is running with the state folder {state_dir}; "
+            "stop it first, or give this one another state_dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _make_dir(folder: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from cloud_sync import protocol
 from models.errors import EdgeNasError
 
 SYSTEM_CONFIG_PATH = Path("/etc/edge-nas/config.toml")
@@ -30,6 +31,17 @@ DEFAULT_KEEPALIVE_S = 30
 DEFAULT_SESSION_EXPIRY_S = 24 * 3600
 DEFAULT_WATCH_NEW_IMAGES = 100
 DEFAULT_WATCH_INTERVAL_S = 60.0
+# MQTT 5 sends the keepalive as a 16-bit and the session expiry as a 32-bit unsigned integer.
+MAX_KEEPALIVE_S = 65535
+MAX_SESSION_EXPIRY_S = 2**32 - 1
+# A heartbeat expires after three intervals, and that expiry must also fit in 32 bits; a day is ample.
+MAX_HEARTBEAT_S = 24 * 3600.0
+# Python's thread join rejects a timeout beyond the platform's time_t. An hour is far above any
+# checkpoint interval, and the unit's TimeoutStopSec must exceed this value anyway.
+MAX_STOP_TIMEOUT_S = 3600.0
+# Broker user names of the controllers and the coordinators (docs/broker.md, docs/daemon.md).
+# A device with one of these ids would log in with their rights under the documented ACL.
+RESERVED_DEVICE_IDS = ("operator", "coordinator")
 
 # The defaults of a personalize job, equal to those of `edge-nas personalize`.
 DEFAULT_SPACE = "nb201"
@@ -44,6 +56,19 @@ Check = Callable[[Any], Optional[str]]
 
 def _at_least(low: float) -> Check:
     return lambda value: None if value >= low else f"must be at least {low:g}"
+
+
+def _between(low: int, high: int) -> Check:
+    return lambda value: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _positive_at_most(high: float) -> Check:
+    def check(value: Any) -> Optional[str]:
+        if math.isfinite(value) and 0 < value <= high:
+            return None
+        return f"must be above 0 and at most {high:g}"
+
+    return check
 
 
 def _positive(value: Any) -> Optional[str]:
@@ -70,26 +95,27 @@ SCHEMA: Dict[str, Dict[str, _Key]] = {
         "state_dir": _Key("path"),
         "data_dir": _Key("path"),
         "log_level": _Key("string", "info", _one_of(LOG_LEVELS)),
-        "heartbeat_s": _Key("number", DEFAULT_HEARTBEAT_S, _positive),
-        "stop_timeout_s": _Key("number", DEFAULT_STOP_TIMEOUT_S, _positive),
+        "heartbeat_s": _Key("number", DEFAULT_HEARTBEAT_S, _positive_at_most(MAX_HEARTBEAT_S)),
+        "stop_timeout_s": _Key("number", DEFAULT_STOP_TIMEOUT_S, _positive_at_most(MAX_STOP_TIMEOUT_S)),
     },
     "broker": {
         "url": _Key("string", DEFAULT_BROKER_URL),
         "username": _Key("string"),
         "password_file": _Key("path"),
         "ca_file": _Key("path"),
-        "keepalive_s": _Key("integer", DEFAULT_KEEPALIVE_S, _at_least(5)),
-        "session_expiry_s": _Key("integer", DEFAULT_SESSION_EXPIRY_S, _at_least(0)),
+        "keepalive_s": _Key("integer", DEFAULT_KEEPALIVE_S, _between(5, MAX_KEEPALIVE_S)),
+        "session_expiry_s": _Key("integer", DEFAULT_SESSION_EXPIRY_S, _between(0, MAX_SESSION_EXPIRY_S)),
     },
     "personalize": {
         "space": _Key("string", DEFAULT_SPACE),
-        "input_size": _Key("integer", None, _at_least(1)),
-        "width_mult": _Key("number", None, _positive),
-        "budget": _Key("integer", DEFAULT_BUDGET, _at_least(1)),
-        "finalists": _Key("integer", DEFAULT_FINALISTS, _at_least(1)),
+        # The same ranges as the arguments of a personalize command (cloud_sync.protocol).
+        "input_size": _Key("integer", None, _between(1, protocol.MAX_INPUT_SIZE)),
+        "width_mult": _Key("number", None, _positive_at_most(protocol.MAX_WIDTH_MULT)),
+        "budget": _Key("integer", DEFAULT_BUDGET, _between(1, protocol.MAX_BUDGET)),
+        "finalists": _Key("integer", DEFAULT_FINALISTS, _between(1, protocol.MAX_ARCHS)),
         "search": _Key("string", DEFAULT_SEARCH, _one_of(("random", "evolution"))),
-        "seed": _Key("integer", DEFAULT_SEED, _at_least(0)),
-        "batch_size": _Key("integer", DEFAULT_BATCH_SIZE, _at_least(2)),
+        "seed": _Key("integer", DEFAULT_SEED, _between(0, protocol.MAX_SEED)),
+        "batch_size": _Key("integer", DEFAULT_BATCH_SIZE, _between(2, protocol.MAX_BATCH_SIZE)),
         "threads": _Key("integer", None, _at_least(1)),
     },
     "constraints": {
@@ -252,13 +278,13 @@ def load_config(explicit: Optional[str] = None, environ: Optional[Mapping[str, s
 
 def parse_config(document: Mapping[str, Any], path: Optional[Path], environ: Optional[Mapping[str, str]] = None) -> DaemonConfig:
     """Check a parsed TOML document against SCHEMA and build the configuration with its defaults."""
-    from cloud_sync import protocol
     from cloud_sync.client import default_device_id
 
     environ = os.environ if environ is None else environ
     where = str(path) if path is not None else "configuration"
     values = _checked_values(document, where)
-    base = path.parent if path is not None else Path.cwd()
+    # Absolute, so that the folders in the log and the result paths sent to controllers do not depend on the working folder.
+    base = path.parent.absolute() if path is not None else Path.cwd()
     top, broker, job, constraints, watch = (
         values[""], values["broker"], values["personalize"], values["constraints"], values["watch"],
     )
@@ -272,7 +298,12 @@ def parse_config(document: Mapping[str, Any], path: Optional[Path], environ: Opt
             check()
         except EdgeNasError as error:
             raise EdgeNasError(f"{where}: {key}: {error}") from None
-    _check_space(job["space"], where)
+    if device_id in RESERVED_DEVICE_IDS:
+        raise EdgeNasError(
+            f"{where}: device_id {device_id!r} is the broker user name of "
+            f"{'the controllers' if device_id == 'operator' else 'the cloud coordinators'}; choose another device id"
+        )
+    _check_space(job["space"], job["width_mult"], where)
 
     state_dir = _resolve(top["state_dir"], base) if top["state_dir"] is not None else default_state_dir(environ)
     data_dir = _resolve(top["data_dir"], base) if top["data_dir"] is not None else state_dir / "data"
@@ -339,6 +370,9 @@ def _read_toml(path: Path) -> Dict[str, Any]:
             return tomllib.load(handle)
     except OSError as error:
         raise EdgeNasError(f"cannot read the configuration file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise EdgeNasError(f"{path}: invalid TOML: the file is not UTF-8 ({error.reason} at byte {error.start}); "
+                           "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise EdgeNasError(f"{path}: invalid TOML: {error}; fix the syntax (see {EXAMPLE_NAME})") from None
 
@@ -407,12 +441,19 @@ def _checked_count(dotted: str, value: Any, where: str) -> int:
         raise EdgeNasError(f"{where}: {error}") from None
 
 
-def _check_space(name: str, where: str) -> None:
-    from models.spaces import list_spaces
+def _check_space(name: str, width_mult: Optional[float], where: str) -> None:
+    from models.spaces import get_space, list_spaces
 
     known = list_spaces()
     if name not in known:
         raise EdgeNasError(f"{where}: personalize.space {name!r} is not a search space; use one of {', '.join(known)}")
+    if width_mult is not None and not hasattr(get_space(name), "width_mult"):
+        # Otherwise every job would be rejected, because each takes this default.
+        with_width = [other for other in known if hasattr(get_space(other), "width_mult")]
+        raise EdgeNasError(
+            f"{where}: personalize.width_mult is set, but search space {name!r} has no width multiplier; "
+            f"remove width_mult or set personalize.space to {' or '.join(repr(other) for other in with_width)}"
+        )
 
 
 def _resolve(value: str, base: Path) -> Path:

@@ -298,6 +298,14 @@ class JobStore:
                 "UPDATE jobs SET stage = ?, error = ?, updated = ?, published = 0 WHERE job_id = ?",
                 (stage, error, now, job_id),
             )
+            db.execute("DELETE FROM settings WHERE name = ?", (_cancel_setting(job_id),))
+
+    def request_cancel(self, job_id: str) -> None:
+        """Record that the running job is to end cancelled, so that the request survives a stop or a crash."""
+        self.set_setting(_cancel_setting(job_id), "requested")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.get_setting(_cancel_setting(job_id)) is not None
 
     def interrupt(self, job_id: str) -> None:
         """Close the open attempt as interrupted; the job keeps its stage, so it resumes at the next start."""
@@ -383,6 +391,10 @@ def _job_from_row(row: Tuple[Any, ...]) -> Job:
     )
 
 
+def _cancel_setting(job_id: str) -> str:
+    return f"cancel:{job_id}"
+
+
 def _check_stage(stage: str) -> None:
     if stage not in _STAGE_ORDER:
         raise ValueError(f"unknown job stage {stage!r}; expected one of {', '.join(JOB_STAGES)}")
@@ -427,6 +439,13 @@ class ResultFolders:
 
     def discard(self, job_id: str) -> None:
         shutil.rmtree(str(self.partial(job_id)), ignore_errors=True)
+
+    def partial_job_ids(self) -> List[str]:
+        """Return the job ids that have a partial folder."""
+        if not self.root.is_dir():
+            return []
+        names = [path.name for path in self.root.iterdir() if path.is_dir()]
+        return [name[1:-len(".partial")] for name in names if name.startswith(".") and name.endswith(".partial")]
 
     def publish(self, job_id: str) -> Path:
         """Move the complete partial folder to its final name; repeating it after a crash is harmless.

@@ -42,6 +42,7 @@ from edge_runtime.scoring import ScoringProtocol, score_archs
 from edge_runtime.search import STRATEGIES, Candidate, CostLimits, run_search
 from models.errors import EdgeNasError, InvalidArchitectureError
 from models.proxies import ProxyResult
+from models.proxies._context import build_seeded
 from models.spaces import get_space, list_spaces
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,7 @@ def personalize(
             loaded_aggregator, aggregator_record = _load_aggregator(ranking, aggregator, search_space.name, gradient_source)
             if loaded_aggregator is not None:
                 ranking = ranking.including(getattr(loaded_aggregator, "proxies", ()))
+            _check_probe_memory(search_space, batch_size, seed)
             inputs, labels = dataset.probe_batch(batch_size, seed=seed, size=search_space.input_size)
             protocol = ScoringProtocol(
                 space=search_space.name,
@@ -409,6 +411,23 @@ def personalize(
         stage_seconds=dict(stage_seconds),
         subnet=subnet,
     )
+
+
+def _check_probe_memory(space: Any, batch_size: int, seed: int) -> None:
+    """Raise EdgeNasError when scoring one sampled network on the probe batch would not fit in free memory."""
+    from edge_runtime.scoring import BACKWARD_MEMORY_FACTOR, activation_bytes_per_sample, available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    network = build_seeded(lambda: space.build(space.sample(random.Random(seed))), seed)
+    needed = BACKWARD_MEMORY_FACTOR * batch_size * activation_bytes_per_sample(network, space.input_size)
+    if needed > available:
+        raise EdgeNasError(
+            f"scoring a batch of {batch_size} images at {space.input_size}x{space.input_size} needs about "
+            f"{needed / 2**30:.1f} GiB for activations, more than the {available / 2**30:.1f} GiB available; "
+            f"use a smaller --batch-size or --input-size"
+        )
 
 
 def _remove_if_empty(folder: Path) -> None:

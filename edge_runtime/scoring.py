@@ -123,3 +123,55 @@ def forward_backward_seconds(network: torch.nn.Module, inputs: torch.Tensor, lab
         loss.backward()
         elapsed = time.perf_counter() - start
     return elapsed
+
+
+# Gradient proxies keep every activation of the forward pass for the backward pass and add a
+# gradient of about the same size, so scoring needs about twice the forward activations (an estimate).
+BACKWARD_MEMORY_FACTOR = 2.0
+
+
+# Inputs above this size are measured at this size and scaled by area, so the check stays cheap.
+ACTIVATION_PROBE_MAX_SIZE = 128
+
+
+def activation_bytes_per_sample(network: torch.nn.Module, input_size: int, channels: int = 3) -> int:
+    """Return the bytes of every leaf module's output for one sample, measured on a batch of two.
+
+    A batch of two keeps BatchNorm in training mode valid. The sum over leaf outputs counts
+    what a forward pass that records activations holds at once, an upper estimate for one
+    that frees them early. Above ACTIVATION_PROBE_MAX_SIZE pixels the count is taken at that
+    size and scaled by the area ratio.
+    """
+    # NOTE: the area scaling is exact for convolutions but underestimates attention maps, which
+    # grow with the square of the token count.
+    measured_size = min(input_size, ACTIVATION_PROBE_MAX_SIZE)
+    scale = (input_size / measured_size) ** 2
+    from models.proxies._context import scoring_mode
+
+    total = [0]
+
+    def on_output(module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in network.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(on_output) for m in leaves]
+    try:
+        with scoring_mode(network), torch.no_grad():
+            network(torch.zeros(2, channels, measured_size, measured_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return int(total[0] * scale) // 2
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Return MemAvailable from /proc/meminfo, or None where the system does not report it."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -29,7 +29,7 @@ from edge_runtime.cli_remote import RemoteDevice
 from edge_runtime.daemon_jobs import JobStore
 from models.errors import EdgeNasError
 
-from broker_support import DOCS, documented_acl
+from broker_support import DOCS, documented_acl, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = "dev-1"
@@ -332,6 +332,7 @@ def test_bad_commands_leave_daemon_serving(broker, daemon, listener):
     listener.command("reboot-now", "bad-2")
     listener.command("personalize", "bad-3", data="../../etc")
     listener.command("personalize", "bad-4", budget=2, finalists=3)
+    listener.command("personalize", "bad-5", data="cats\x00dogs")
     listener.command("status", "other-device", device_id="dev-2")  # on this device's topic
     listener.command("status", "other-topic", device_id="dev-2", topic=protocol.command_topic("dev-2"))
     listener.command("status", "alive")
@@ -340,13 +341,14 @@ def test_bad_commands_leave_daemon_serving(broker, daemon, listener):
     assert alive["status"] == "ok"
     assert alive["device"]["state"] == "online"
     replies = {reply["command_id"]: reply for reply in listener.replies()}
-    assert sorted(replies) == ["alive", "bad-1", "bad-2", "bad-3", "bad-4"]
+    assert sorted(replies) == ["alive", "bad-1", "bad-2", "bad-3", "bad-4", "bad-5"]
     assert "missing field 'schema'" in replies["bad-1"]["error"]
     assert replies["bad-2"]["error"] == "unknown command 'reboot-now'; known commands: personalize, status, cancel"
     assert replies["bad-2"]["command"] == "reboot-now"
     assert "lies outside the data folder" in replies["bad-3"]["error"]
     assert "finalists (3) must not exceed budget (2)" in replies["bad-4"]["error"]
-    assert all(replies[name]["status"] == "error" for name in ("bad-1", "bad-2", "bad-3", "bad-4"))
+    assert "is not a usable path" in replies["bad-5"]["error"]
+    assert all(replies[name]["status"] == "error" for name in ("bad-1", "bad-2", "bad-3", "bad-4", "bad-5"))
     assert daemon.process.poll() is None
     log = daemon.log_text()
     assert "dropped an invalid command without a usable command id" in log
@@ -375,6 +377,57 @@ def test_cancel_stops_running_and_queued_jobs(broker, daemon, listener):
     listener.command("cancel", "cancel-again", job_id="job-first")
     assert "has already ended (cancelled)" in listener.wait_reply("cancel-again")["error"]
     assert os.listdir(daemon.state / "results") == []
+
+
+def test_cancel_stored_before_crash_ends_job(broker, daemon, listener):
+    start_online(daemon, listener, step_delay_s=0.5)
+    listener.command("personalize", "job-doomed", **DIGITS)
+    listener.wait_job("job-doomed", lambda job: job["state"] == "running")
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    # What the daemon stores when a cancel command arrives during a step that outlasts the process.
+    store = daemon.job_store()
+    store.request_cancel("job-doomed")
+    store.close()
+
+    daemon.start()
+    listener.wait_job("job-doomed", lambda job: job["state"] == "cancelled")
+    assert stage_runs(daemon, "job-doomed")[-1] == ("scoring", 2, "cancelled")
+    assert os.listdir(daemon.state / "results") == []
+
+
+def test_second_daemon_on_state_folder_is_rejected(broker, daemon, listener):
+    (daemon.state / "results" / ".gone.partial").mkdir(parents=True)
+    start_online(daemon, listener)
+    assert not (daemon.state / "results" / ".gone.partial").exists()  # left by a job that no longer exists
+
+    second = subprocess.run(
+        [sys.executable, "-m", "edge_runtime.cli", "daemon", "--config", str(daemon.config)],
+        cwd=str(REPO), env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=60,
+    )
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert lines[0].startswith("error: another edge-nas daemon (process ")
+    assert str(daemon.state) in lines[0]
+    assert daemon.process.poll() is None
+
+
+def test_unreachable_broker_is_logged(tmp_path):
+    absent = type("AbsentBroker", (), {"port": free_port()})()
+    absent.url = f"mqtt://127.0.0.1:{absent.port}"
+    daemon = DaemonProcess(tmp_path / "device", absent)
+    try:
+        daemon.start()
+        limit = time.monotonic() + 30
+        while "cannot connect to the broker at mqtt://127.0.0.1" not in daemon.log_text():
+            assert time.monotonic() < limit, daemon.log_text()
+            time.sleep(0.2)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+        assert "the offline status was not published" not in daemon.log_text()
+    finally:
+        daemon.close()
 
 
 def test_daemon_survives_broker_restart(broker, daemon, listener):

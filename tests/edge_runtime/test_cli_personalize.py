@@ -311,3 +311,27 @@ def test_device_side_skips_coordinator_module():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_probe_batch_too_large_for_memory(out_dir):
+    from edge_runtime.scoring import available_memory_bytes
+
+    if available_memory_bytes() is None or available_memory_bytes() > 2**40:
+        pytest.skip("this system does not report a bounded MemAvailable")
+    # 512 x 512 NB201 activations take about 2 GiB per image, so a batch of 64 exceeds any memory here.
+    result = run_cli("--data", "sklearn-digits", "--out", out_dir, "--input-size", "512", "--budget", "2",
+                     "--finalists", "1")
+    assert_one_line_error(result, "GiB for activations", "--batch-size or --input-size")
+    assert not os.path.exists(out_dir)
+
+
+def test_activation_estimate_scales_with_area():
+    from edge_runtime.scoring import ACTIVATION_PROBE_MAX_SIZE, activation_bytes_per_sample
+    from models.spaces import get_space
+
+    space = get_space("nb201", num_classes=10, input_size=32)
+    network = space.build(space.parse("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_1x1~1|nor_conv_3x3~2|"))
+    small = activation_bytes_per_sample(network, 32)
+    assert small == pytest.approx(activation_bytes_per_sample(network, 16) * 4, rel=0.05)
+    large = activation_bytes_per_sample(network, 4 * ACTIVATION_PROBE_MAX_SIZE)
+    assert large == pytest.approx(activation_bytes_per_sample(network, ACTIVATION_PROBE_MAX_SIZE) * 16, rel=1e-6)

@@ -113,8 +113,21 @@ def test_missing_explicit_file_is_named(tmp_path, environ):
     ("[watch]\nenabled = 1", ["watch.enabled must be a boolean, got integer 1"]),
     ("heartbeat_s = true", ["heartbeat_s must be a number, got boolean True"]),
     ("broker = 'mqtt://x'", ["broker must be a table ([broker])"]),
-    ("heartbeat_s = 0", ["heartbeat_s must be a positive number, got 0.0"]),
-    ("[broker]\nkeepalive_s = 2", ["broker.keepalive_s must be at least 5, got 2"]),
+    ("heartbeat_s = 0", ["heartbeat_s must be above 0 and at most 86400, got 0.0"]),
+    ("heartbeat_s = nan", ["heartbeat_s must be above 0 and at most 86400, got nan"]),
+    ("heartbeat_s = 1e10", ["heartbeat_s must be above 0 and at most 86400"]),
+    ("stop_timeout_s = inf", ["stop_timeout_s must be above 0 and at most 3600, got inf"]),
+    ("[watch]\ninterval_s = -1", ["watch.interval_s must be a positive number, got -1.0"]),
+    ("[broker]\nkeepalive_s = 2", ["broker.keepalive_s must be between 5 and 65535, got 2"]),
+    ("[broker]\nkeepalive_s = 100000", ["broker.keepalive_s must be between 5 and 65535, got 100000"]),
+    ("[broker]\nsession_expiry_s = 99999999999", ["broker.session_expiry_s must be between 0 and 4294967295"]),
+    ("[personalize]\nseed = 99999999999", ["personalize.seed must be between 0 and 4294967295"]),
+    ("[personalize]\ninput_size = 1000", ["personalize.input_size must be between 1 and 512, got 1000"]),
+    ("[personalize]\nbatch_size = 4096", ["personalize.batch_size must be between 2 and 1024"]),
+    ("[personalize]\nwidth_mult = 0.5", ["personalize.width_mult is set", "'nb201' has no width multiplier"]),
+    ("[personalize]\nspace = 'mobilenetv2'\nwidth_mult = 5.0", ["personalize.width_mult must be above 0 and at most 4"]),
+    ("device_id = 'operator'", ["device_id 'operator' is the broker user name of the controllers"]),
+    ("device_id = 'coordinator'", ["device_id 'coordinator' is the broker user name of the cloud coordinators"]),
     ("log_level = 'loud'", ["log_level must be one of 'debug', 'info', 'warning', 'error'"]),
     ("device_id = 'a/b'", ["device_id: invalid device id 'a/b'"]),
     ("device_id = ''", ["device_id is empty"]),
@@ -134,6 +147,22 @@ def test_mistake_raises_one_line(tmp_path, environ, text, fragments):
     assert message.startswith(str(path)), message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_non_utf8_file_is_invalid_toml(tmp_path, environ):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"device_id = '\xff'\n")
+    with pytest.raises(EdgeNasError, match=r"config\.toml: invalid TOML: the file is not UTF-8 .*save it as UTF-8"):
+        load_config(str(path), environ)
+
+
+def test_relative_config_path_gives_absolute_folders(tmp_path, environ, monkeypatch):
+    write(tmp_path, 'state_dir = "state"\ndata_dir = "data"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config("config.toml", environ)
+    assert config.state_dir == tmp_path / "state"
+    assert config.data_dir == tmp_path / "data"
+    assert config.state_dir.is_absolute()
 
 
 def test_cli_reports_mistake_without_traceback(tmp_path):
@@ -191,6 +220,7 @@ def test_example_commented_values_are_valid(tmp_path):
     text = text.replace('url = "mqtt://localhost:1883"', 'url = "mqtts://localhost:8883"')
     (tmp_path / "etc" / "ca.crt").write_text("")
     text = text.replace('"/etc/edge-nas/ca.crt"', '"etc/ca.crt"')
+    text = text.replace('space = "nb201"', 'space = "mobilenetv2"')  # width_mult applies to mobilenetv2 only
     config = parse_config(tomllib.loads(text), tmp_path / "config.toml", {"HOME": str(tmp_path)})
     assert config.device_id == "jetson-7"
     assert config.defaults.constraints["max_flops"] == 450_000_000

@@ -209,6 +209,30 @@ def test_runner_cancel_ends_job(store, tmp_path):
     assert not (tmp_path / "results" / ".job-1.partial").exists()
 
 
+def test_cancel_request_survives_reopen(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    store.add("job-1", TINY, "a")
+    store.begin_stage("job-1", "scoring")
+    store.request_cancel("job-1")
+    store.close()
+
+    reopened = JobStore(tmp_path / "jobs.sqlite")
+    assert reopened.cancel_requested("job-1")
+    assert not reopened.cancel_requested("job-2")
+    reopened.finish("job-1", "cancelled")
+    assert not reopened.cancel_requested("job-1")
+    reopened.close()
+
+
+def test_partial_job_ids_lists_partial_folders(tmp_path):
+    folders = ResultFolders(tmp_path / "results")
+    assert folders.partial_job_ids() == []
+    folders.prepare("job-1")
+    folders.prepare("job.2")
+    (tmp_path / "results" / "job-3").mkdir()
+    assert sorted(folders.partial_job_ids()) == ["job-1", "job.2"]
+
+
 def test_runner_records_failure(store, tmp_path):
     store.add("job-1", dict(TINY, data="no-such-sample"), "a")
     job = make_runner(store, tmp_path).run("job-1", threading.Event(), threading.Event())
@@ -265,6 +289,14 @@ def test_data_outside_folder_is_rejected(config, tmp_path):
             resolve_data(data, config.data_dir)
     with pytest.raises(EdgeNasError, match="does not exist on device"):
         resolve_data("dogs", config.data_dir)
+
+
+def test_unusable_data_path_is_rejected(config):
+    os.symlink("loop-b", str(config.data_dir / "loop-a"))
+    os.symlink("loop-a", str(config.data_dir / "loop-b"))
+    for data in ("cats\x00dogs", "loop-a"):
+        with pytest.raises(EdgeNasError, match="is not a usable path"):
+            resolve_data(data, config.data_dir)
 
 
 # Data folder watcher ---------------------------------------------------------------------
