@@ -283,12 +283,8 @@ def status_command(
     job_id: Optional[str],
 ) -> None:
     """Print a device daemon's state, its running job and its recent jobs."""
-    arguments = {"job_id": job_id} if job_id else {}
-    command_id = uuid.uuid4().hex
-    with _connect(broker_url, device_id, username, password_file, ca_file) as device:
-        device.subscribe([protocol.reply_topic(device_id), protocol.status_topic(device_id)])
-        device.send(protocol.COMMAND_STATUS, arguments, command_id)
-        reply = _await_reply(device, command_id, timeout_s)
+    device = _connect(broker_url, device_id, username, password_file, ca_file)
+    reply = _job_command(device, device_id, protocol.COMMAND_STATUS, job_id, timeout_s)
     if as_json:
         echo_json({name: reply[name] for name in ("device", "job", "jobs") if name in reply})
         return
@@ -309,12 +305,8 @@ def cancel_command(
     job_id: Optional[str],
 ) -> None:
     """Cancel a queued or running job; a running job stops at its next checkpoint."""
-    arguments = {"job_id": job_id} if job_id else {}
-    command_id = uuid.uuid4().hex
-    with _connect(broker_url, device_id, username, password_file, ca_file) as device:
-        device.subscribe([protocol.reply_topic(device_id), protocol.status_topic(device_id)])
-        device.send(protocol.COMMAND_CANCEL, arguments, command_id)
-        reply = _await_reply(device, command_id, timeout_s)
+    device = _connect(broker_url, device_id, username, password_file, ca_file)
+    reply = _job_command(device, device_id, protocol.COMMAND_CANCEL, job_id, timeout_s)
     job = reply["job"]
     if as_json:
         echo_json(job)
@@ -322,6 +314,17 @@ def cancel_command(
         click.echo(f"job {job['job_id']} stops at its next checkpoint on device {device_id}")
     else:
         click.echo(f"job {job['job_id']} cancelled on device {device_id}")
+
+
+def _job_command(device: RemoteDevice, device_id: str, command: str, job_id: Optional[str],
+                 timeout_s: float) -> Dict[str, Any]:
+    """Send a status or cancel command (about `job_id` when given) and return the daemon's reply."""
+    arguments = {"job_id": job_id} if job_id else {}
+    command_id = uuid.uuid4().hex
+    with device:
+        device.subscribe([protocol.reply_topic(device_id), protocol.status_topic(device_id)])
+        device.send(command, arguments, command_id)
+        return _await_reply(device, command_id, timeout_s)
 
 
 def _connect(broker_url: str, device_id: str, username: Optional[str], password_file: Optional[str],
