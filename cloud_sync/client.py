@@ -99,9 +99,10 @@ class BrokerSettings:
         """
         address = self.address
         username = self.user_name()
-        password = self.read_password()
-        if password is not None and not username:
+        # The user name is checked first, so a missing one is reported even when the file is missing too.
+        if self.password_file is not None and not username:
             raise EdgeNasError("a password file needs a user name: pass --username or write it in the URL")
+        password = self.read_password()
         ca_file = None
         if self.ca_file is not None:
             if not address.tls:

@@ -356,6 +356,12 @@ def test_password_file_needs_user_name(secret_file):
         create_mqtt_client("dev-1", settings)
 
 
+def test_missing_user_name_reported_before_missing_file(tmp_path):
+    settings = BrokerSettings("mqtt://127.0.0.1:1", password_file=tmp_path / "absent")
+    with pytest.raises(EdgeNasError, match="needs a user name"):
+        settings.login()
+
+
 def test_describe_data_share_policies():
     rng = np.random.default_rng(0)
     inputs = rng.standard_normal((8, 3, 16, 16)).astype(np.float32)
