@@ -358,33 +358,38 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def plot_scatter(results: Dict[str, Dict[str, object]], out_dir: Path) -> List[Path]:
+def scatter_grid(panels: Dict[str, Tuple[Sequence[Optional[float]], Sequence[float]]], path: Path,
+                 ylabel: str = "test accuracy (%)", point_size: float = 3) -> None:
+    """Draw one scatter panel per proxy (value against accuracy, invalid values left out) and save it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(panels)
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    figure, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, names):
+        values, truth = panels[name]
+        pairs = [(v, t) for v, t in zip(values, truth) if v is not None]
+        if pairs:
+            axis.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=point_size, alpha=0.5)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("proxy value", fontsize=8)
+        axis.set_ylabel(ylabel, fontsize=8)
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_scatter(results: Dict[str, Dict[str, object]], out_dir: Path) -> List[Path]:
     written = []
     for dataset_name, outcome in results.items():
-        scatter = outcome["scatter"]
-        names = list(scatter)
-        cols = min(4, len(names))
-        rows = (len(names) + cols - 1) // cols
-        figure, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
-        for axis, name in zip(axes.flat, names):
-            values, truth = scatter[name]
-            pairs = [(v, t) for v, t in zip(values, truth) if v is not None]
-            if pairs:
-                axis.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=3, alpha=0.5)
-            axis.set_title(name, fontsize=9)
-            axis.set_xlabel("proxy value", fontsize=8)
-            axis.set_ylabel("test accuracy (%)", fontsize=8)
-        for axis in list(axes.flat)[len(names):]:
-            axis.axis("off")
-        figure.tight_layout()
         path = out_dir / f"scatter_{dataset_name}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        scatter_grid(outcome["scatter"], path)
         written.append(path)
     return written
 

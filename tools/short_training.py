@@ -36,7 +36,7 @@ for folder in (REPO, REPO / "tools"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-from nb201_correlation import DEFAULT_SHARED, correlations, rank_with_invalid_last  # noqa: E402
+from nb201_correlation import DEFAULT_SHARED, correlations, rank_with_invalid_last, scatter_grid  # noqa: E402
 
 logger = logging.getLogger("short_training")
 
@@ -275,29 +275,6 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def plot(rows_by_name: Dict[str, List[Optional[float]]], accuracy: List[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows_by_name)
-    cols = min(4, len(names))
-    count = (len(names) + cols - 1) // cols
-    figure, axes = plt.subplots(count, cols, figsize=(3.2 * cols, 2.8 * count), squeeze=False)
-    for axis, name in zip(axes.flat, names):
-        pairs = [(v, a) for v, a in zip(rows_by_name[name], accuracy) if v is not None]
-        axis.scatter([p[0] for p in pairs], [p[1] for p in pairs], s=12)
-        axis.set_title(name, fontsize=9)
-        axis.set_xlabel("proxy value", fontsize=8)
-        axis.set_ylabel("accuracy (%)", fontsize=8)
-    for axis in list(axes.flat)[len(names):]:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", type=int, default=16, help="subnets to sample and train")
@@ -387,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "settings": settings, "rows": rows, "trained": trained, "repeat_pairs": noise,
          "scores": {str(s): c for s, c in columns_by_seed.items()}}, indent=1, sort_keys=True))
-    plot(columns_by_seed[seeds[0]], accuracy, args.out.with_suffix(".png"))
+    panels = {name: (values, accuracy) for name, values in columns_by_seed[seeds[0]].items()}
+    scatter_grid(panels, args.out.with_suffix(".png"), ylabel="accuracy (%)", point_size=12)
     for row in rows:
         logger.info("%-14s rho %+.3f [%+.2f, %+.2f]", row["proxy"], row["rho_mean"], row["ci_low"], row["ci_high"])
     return 0
