@@ -83,14 +83,17 @@ class RunObserver:
     """
 
     def stage_started(self, name: str) -> None:
-        """Called as each stage of `stage_seconds` starts: load, search, forward_ranking,
-        gradient_proxies, aggregation, measurement, choice, write."""
+        """Receive the name of each stage as it starts.
+
+        The stages, in order: load, search, forward_ranking, gradient_proxies, aggregation,
+        measurement, choice, write.
+        """
 
     def candidate_scored(self, done: int, budget: int) -> None:
-        """Called after each candidate of the search is scored (or read from the cache)."""
+        """Receive the count of candidates scored (or read from the cache) so far."""
 
     def finalist_measured(self, done: int, total: int) -> None:
-        """Called after each finalist is exported and measured."""
+        """Receive the count of finalists exported and measured so far."""
 
 
 # A gradient source maps a request to {architecture string: {proxy: ProxyResult}}. It has a
@@ -434,7 +437,7 @@ def _remove_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
-        pass  # The folder holds the results, or something else the user put there.
+        pass  # The folder contains the results, or files the user put there.
 
 
 def _remove_if_present(path: Path) -> None:

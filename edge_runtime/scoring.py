@@ -138,7 +138,7 @@ def activation_bytes_per_sample(network: torch.nn.Module, input_size: int, chann
     """Return the bytes of every leaf module's output for one sample, measured on a batch of two.
 
     A batch of two keeps BatchNorm in training mode valid. The sum over leaf outputs counts
-    what a forward pass that records activations holds at once, an upper estimate for one
+    what a forward pass that records activations keeps in memory at once, an upper estimate for one
     that frees them early. Above ACTIVATION_PROBE_MAX_SIZE pixels the count is taken at that
     size and scaled by the area ratio.
     """

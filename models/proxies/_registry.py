@@ -55,7 +55,7 @@ class ProxySpec:
     forward_needs: FrozenSet[str] = frozenset()
     options: Tuple[Tuple[str, Any], ...] = ()
     description: str = ""
-    # Raised by one whenever the code changes the proxy's value for the same options, so that
+    # Incremented whenever the code changes the proxy's value for the same options, so that
     # score caches stop returning values computed by the older code.
     revision: int = 1
 
