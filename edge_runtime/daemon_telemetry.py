@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from edge_runtime.power import PowerMeter
+from edge_runtime.power import PowerMeter, unique_label
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Telemetry:
             except ValueError:
                 celsius = None
             if celsius is not None:
-                zones[_unique_key(name, zones)] = celsius
+                zones[unique_label(name, zones)] = celsius
         if not zones:
             return {"available": False, "reason": f"no readable thermal zone under {folder}"}
         return {"available": True, "celsius": zones}
@@ -133,12 +133,3 @@ def _read_text(path: Path) -> Optional[str]:
         return path.read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def _unique_key(name: str, existing: Dict[str, Any]) -> str:
-    if name not in existing:
-        return name
-    suffix = 2
-    while f"{name}#{suffix}" in existing:
-        suffix += 1
-    return f"{name}#{suffix}"

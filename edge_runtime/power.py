@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from models.errors import EdgeNasError
 
@@ -391,14 +391,18 @@ def _channel_number(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _unique_name(label: str, rails: Sequence[SysfsRail]) -> str:
-    existing_names = {rail.name for rail in rails}
-    if label not in existing_names:
+def unique_label(label: str, taken: Collection[str]) -> str:
+    """Return `label`, or `label#2`, `label#3`, ... when it is already taken."""
+    if label not in taken:
         return label
     suffix = 2
-    while f"{label}#{suffix}" in existing_names:
+    while f"{label}#{suffix}" in taken:
         suffix += 1
     return f"{label}#{suffix}"
+
+
+def _unique_name(label: str, rails: Sequence[SysfsRail]) -> str:
+    return unique_label(label, {rail.name for rail in rails})
 
 
 def _close_quietly(connection: Any) -> None:

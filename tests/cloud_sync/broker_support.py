@@ -96,14 +96,19 @@ class Broker:
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def documented_acl() -> str:
-    """The ACL of docs/broker.md: the fenced block that starts with '# edge-nas ACL'."""
-    text = (DOCS / "broker.md").read_text()
+def fenced_block(document: str, first_line: str) -> str:
+    """Return the body of the fenced code block of docs/<document> whose first line is `first_line`."""
+    text = (DOCS / document).read_text()
     for block in text.split("```")[1::2]:
         body = block.split("\n", 1)[1] if "\n" in block else ""
-        if body.startswith("# edge-nas ACL"):
+        if body.startswith(first_line):
             return body
-    raise AssertionError("docs/broker.md has no code block starting with '# edge-nas ACL'")
+    raise AssertionError(f"docs/{document} has no code block starting with {first_line!r}")
+
+
+def documented_acl() -> str:
+    """The ACL of docs/broker.md: the fenced block that starts with '# edge-nas ACL'."""
+    return fenced_block("broker.md", "# edge-nas ACL")
 
 
 class FakeCoordinator:

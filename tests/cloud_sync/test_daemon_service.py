@@ -29,7 +29,7 @@ from edge_runtime.cli_remote import RemoteDevice
 from edge_runtime.daemon_jobs import JobStore
 from models.errors import EdgeNasError
 
-from broker_support import DOCS, documented_acl, free_port
+from broker_support import DOCS, documented_acl, fenced_block, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = "dev-1"
@@ -457,12 +457,7 @@ def test_daemon_survives_broker_restart(broker, daemon, listener):
 
 def daemon_acl() -> str:
     """The daemon's ACL lines of docs/daemon.md: the fenced block that starts with '# edge-nas daemon ACL'."""
-    text = (DOCS / "daemon.md").read_text()
-    for block in text.split("```")[1::2]:
-        body = block.split("\n", 1)[1] if "\n" in block else ""
-        if body.startswith("# edge-nas daemon ACL"):
-            return body
-    raise AssertionError("docs/daemon.md has no code block starting with '# edge-nas daemon ACL'")
+    return fenced_block("daemon.md", "# edge-nas daemon ACL")
 
 
 def test_daemon_works_under_documented_acl(make_broker, password_file, secret_file, tmp_path):
