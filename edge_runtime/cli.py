@@ -48,8 +48,12 @@ def proxies_command(as_json: bool) -> None:
     from models.aggregation import AGGREGATES
     from models.proxies import get_proxy, list_proxies
 
-    specs = [get_proxy(name).describe() for name in list_proxies()]
-    aggregates = [{"name": name, "aggregate": True, "components": list(parts)} for name, parts in AGGREGATES.items()]
+    specs = [dict(get_proxy(name).describe(), aggregate=False) for name in list_proxies()]
+    aggregates = [
+        {"name": name, "aggregate": True, "components": list(parts),
+         "description": "rank-combines its components over the architectures of one run"}
+        for name, parts in AGGREGATES.items()
+    ]
     if as_json:
         click.echo(json.dumps(specs + aggregates, indent=2))
         return

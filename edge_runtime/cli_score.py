@@ -166,6 +166,12 @@ def score_command(
     space = get_space(space_name, num_classes=classes, input_size=size)
     archs = select_archs(space, archs_file, sample, use_all, seed)
     aggregator = _load_aggregator(aggregator_path, space_name) if aggregator_path else None
+    if aggregator is not None and getattr(aggregator, "name", None) not in aggregates:
+        # Checked before scoring, so that a long run does not end on this mistake.
+        raise EdgeNasError(
+            f"the aggregator combines the components of {aggregator.name!r}, which --proxies does not request; "
+            f"add {aggregator.name} to --proxies or drop --aggregator"
+        )
     inputs, labels = dataset.probe_batch(batch_size, seed=seed, size=size)
 
     protocol = ScoringProtocol(
@@ -197,7 +203,8 @@ def score_command(
             proxy: np.array([np.nan if r[proxy].value is None else r[proxy].value for r in rows], dtype=np.float64)
             for proxy in per_arch
         }
-        scores = aggregate_population(name, component_columns, aggregator)
+        calibrated = aggregator if aggregator is not None and aggregator.name == name else None
+        scores = aggregate_population(name, component_columns, calibrated)
         columns[name] = [None if not np.isfinite(v) else float(v) for v in scores]
         valid[name] = [bool(np.isfinite(v)) for v in scores]
     for name in per_arch:

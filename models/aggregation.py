@@ -378,20 +378,33 @@ class Aggregator:
             base_weights = tuple(float(weights[p]) for p in proxies)
         except (TypeError, ValueError):
             raise AggregatorError(f"{source}: base weights must be numbers, got {weights}") from None
-        spearman = calibration.get("spearman")
+        protocol = data.get("protocol") or {}
+        if not isinstance(protocol, dict):
+            raise AggregatorError(f"{source}: 'protocol' must be a JSON object; re-create it with `edge-nas calibrate`")
+        try:
+            agreement_power = float(parameters.get("agreement_power", 1.0))
+            spearman = calibration.get("spearman")
+            spearman = None if spearman is None else float(spearman)
+        except (TypeError, ValueError):
+            raise AggregatorError(
+                f"{source}: agreement_power and the calibration spearman must be numbers; re-create it with `edge-nas calibrate`"
+            ) from None
 
-        return cls(
-            name=name,
-            proxies=proxies,
-            base_weights=base_weights,
-            nonlinear=bool(parameters.get("nonlinear", True)),
-            dynamic=bool(parameters.get("dynamic", True)),
-            agreement_power=float(parameters.get("agreement_power", 1.0)),
-            space=saved_space,
-            protocol=dict(data.get("protocol") or {}),
-            calibration_archs=archs,
-            calibration_spearman=None if spearman is None else float(spearman),
-        )
+        try:
+            return cls(
+                name=name,
+                proxies=proxies,
+                base_weights=base_weights,
+                nonlinear=bool(parameters.get("nonlinear", True)),
+                dynamic=bool(parameters.get("dynamic", True)),
+                agreement_power=agreement_power,
+                space=saved_space,
+                protocol=dict(protocol),
+                calibration_archs=archs,
+                calibration_spearman=spearman,
+            )
+        except AggregatorError as error:
+            raise AggregatorError(f"{source}: {error}") from None
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"], *, space: Optional[str] = None) -> "Aggregator":
@@ -401,6 +414,8 @@ class Aggregator:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise AggregatorError(f"aggregator file not found: {path}") from None
+        except UnicodeDecodeError:
+            raise AggregatorError(f"{path}: not a UTF-8 text file; re-create it with `edge-nas calibrate`") from None
         except OSError as error:
             raise AggregatorError(f"{path}: cannot be read ({error})") from None
         try:

@@ -95,3 +95,16 @@ def test_calibrate_rejects_archs_of_another_space(tmp_path):
                                        "--out", str(tmp_path / "a.json")])
     assert result.exit_code == 1
     assert "not a mobilenetv2 architecture" in result.stderr
+
+
+def test_score_rejects_aggregator_of_unrequested_aggregate(tmp_path):
+    _write_inputs(tmp_path)
+    CliRunner().invoke(main, ["calibrate", "--space", "nb201", "--scores", str(tmp_path / "scores.csv"),
+                              "--accuracy", str(tmp_path / "accuracy.csv"), "--column", "cifar10_test",
+                              "--out", str(tmp_path / "a.json")])
+    result = CliRunner().invoke(main, ["score", "--sample", "2", "--data", "sklearn-digits", "--proxies", "fgnas-forward",
+                                       "--aggregator", str(tmp_path / "a.json"), "--no-cache",
+                                       "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 1
+    assert "add fgnas to --proxies or drop --aggregator" in result.stderr
+    assert not (tmp_path / "s.csv").exists()

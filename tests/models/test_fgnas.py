@@ -500,6 +500,34 @@ def test_aggregator_load_rejects_edited_calibration_list(tmp_path):
         Aggregator.load(path)
 
 
+def test_aggregator_load_rejects_binary_file(tmp_path):
+    path = tmp_path / "aggregator.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(AggregatorError, match="not a UTF-8 text file"):
+        Aggregator.load(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda data: data["parameters"].update(agreement_power="high"), "must be numbers"),
+        (lambda data: data["parameters"].update(agreement_power=-1.0), "agreement power must be a positive"),
+        (lambda data: data["parameters"]["base_weights"].update(params=-1.0), "finite and non-negative"),
+        (lambda data: data.update(protocol=[1, 2]), "'protocol' must be a JSON object"),
+    ],
+)
+def test_aggregator_load_rejects_bad_parameters(tmp_path, edit, message):
+    archs, columns, accuracy = _calibration_data()
+    path = tmp_path / "aggregator.json"
+    fit_aggregator("nb201", archs, columns, accuracy, {}).save(path)
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(AggregatorError, match=message) as raised:
+        Aggregator.load(path)
+    assert str(path) in str(raised.value)
+
+
 def test_aggregator_load_reports_missing_file(tmp_path):
     with pytest.raises(AggregatorError, match="not found"):
         Aggregator.load(tmp_path / "absent.json")
