@@ -44,6 +44,9 @@ def write_bytes_atomic(target: PathLike, data: bytes) -> None:
 def ensure_writable_dir(folder: PathLike) -> Path:
     """Create `folder` if needed and check that a file can be created in it."""
     folder = Path(folder) if str(folder) else Path(".")
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.is_dir():
+            raise EdgeNasError(f"cannot write to {folder}: {part} is a file, not a folder; choose another location")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=str(folder), prefix=".edge-nas-probe-"):

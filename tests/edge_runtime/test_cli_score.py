@@ -156,3 +156,18 @@ def test_proxies_command_lists_aggregates():
     assert entries["fgnas"]["aggregate"] is True
     assert entries["fgnas"]["components"] == ["fgnas_fc", "fgnas_gi", "fgnas_gc", "params"]
     assert entries["naswot"]["aggregate"] is False
+
+
+def test_sample_zero_names_the_count(tmp_path):
+    result = CliRunner().invoke(main, ["score", "--sample", "0", "--data", "sklearn-digits", "--proxies", "params",
+                                       "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 1
+    assert "--sample must be a positive count, got 0" in result.stderr
+
+
+def test_output_under_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = CliRunner().invoke(main, ["score", "--sample", "2", "--data", "sklearn-digits", "--proxies", "params",
+                                       "--out", str(tmp_path / "afile" / "s.csv")])
+    assert result.exit_code == 1
+    assert "is a file, not a folder" in result.stderr
