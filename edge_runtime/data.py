@@ -167,6 +167,14 @@ def _checked_arrays(images: np.ndarray, labels: np.ndarray, name: str) -> Tuple[
 
 def load_npz(path: Path) -> ImageDataset:
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    if magic != b"PK\x03\x04":
+        # numpy would try to read any other file as a pickle and report that, which misleads.
+        raise DataError(f"{path}: not an .npz archive (numpy.savez writes a zip file); re-create it with numpy.savez")
+    try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:

@@ -82,6 +82,10 @@ def test_corrupt_and_missing_files_are_rejected(tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 not really a zip file")
     with pytest.raises(DataError, match="not a readable .npz"):
         load_dataset(str(corrupt))
+    text = tmp_path / "text.npz"
+    text.write_text("garbage")
+    with pytest.raises(DataError, match="not an .npz archive"):
+        load_dataset(str(text))
     with pytest.raises(DataError, match="not found"):
         load_dataset(str(tmp_path / "absent.npz"))
     (tmp_path / "notes.txt").write_text("hello")
