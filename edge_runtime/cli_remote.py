@@ -224,6 +224,8 @@ def personalize_command(
 
     Options left out take the values of the device's configuration. Progress goes to stderr.
     """
+    if wait_timeout is not None and not wait:
+        raise click.UsageError("--wait-timeout only applies with --wait; add --wait or drop --wait-timeout")
     constraints = {
         "max_params": parse_count(max_params, "--max-params"),
         "max_flops": parse_count(max_flops, "--max-flops"),
