@@ -158,6 +158,9 @@ def score_command(
         raise EdgeNasError(f"--batch-size must be at least 1, got {batch_size}")
 
     dataset = load_dataset(data)
+    gap = dataset.label_gap_warning() if num_classes is None else None
+    if gap:
+        click.echo(f"warning: {gap}", err=True)
     classes = num_classes if num_classes is not None else dataset.num_classes
     dataset.check_labels(classes)
     height, width = dataset.image_size

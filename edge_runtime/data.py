@@ -61,6 +61,19 @@ class ImageDataset:
             return len(self.classes)
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
+    def label_gap_warning(self) -> Optional[str]:
+        """Return a warning when unnamed labels leave most class indices without an image, else None."""
+        if self.classes or not len(self.labels):
+            return None
+        used = len(np.unique(self.labels))
+        if 2 * used >= self.num_classes:
+            return None
+        return (
+            f"{self.name or 'the data'}: the labels take {used} distinct values but the largest is "
+            f"{self.num_classes - 1}, so the classifier gets {self.num_classes} outputs; relabel them 0..{used - 1}, "
+            f"add a 'classes' array or pass --num-classes"
+        )
+
     @property
     def data_hash(self) -> str:
         """SHA-256 of the pixels and labels (hex, first 16 digits), computed once: identifies the data in caches and results."""

@@ -331,6 +331,9 @@ def personalize(
             dataset = data if isinstance(data, ImageDataset) else load_dataset(
                 str(data), image_size=space_options["input_size"]
             )
+            gap = dataset.label_gap_warning()
+            if gap:
+                logger.warning("%s", gap)
             search_space = build_space(space, dataset.num_classes, space_options)
             limits.cost_limits().check(search_space)
             loaded_aggregator, aggregator_record = _load_aggregator(ranking, aggregator, search_space.name, gradient_source)

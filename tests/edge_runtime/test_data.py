@@ -112,3 +112,13 @@ def test_label_beyond_class_names_is_rejected(tmp_path):
                      classes=np.array(["a", "b", "c"]))
     with pytest.raises(DataError, match="out of range for its 3 class names"):
         load_dataset(path)
+
+
+def test_label_gaps_are_reported():
+    images = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    gappy = ImageDataset(images, np.array([0, 1, 2, 3, 1000]), [], name="gappy")
+    assert "largest is 1000" in gappy.label_gap_warning()
+    dense = ImageDataset(images, np.array([0, 1, 2, 3, 4]), [], name="dense")
+    assert dense.label_gap_warning() is None
+    named = ImageDataset(images, np.array([0, 1, 2, 3, 1000]), [str(i) for i in range(1001)], name="named")
+    assert named.label_gap_warning() is None
