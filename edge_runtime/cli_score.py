@@ -37,8 +37,8 @@ def expand_proxies(names: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 
 def select_archs(space: Any, archs_file: Optional[str], sample: Optional[int], use_all: bool, seed: int) -> List[Any]:
-    given = (("--archs", archs_file), ("--sample", sample is not None), ("--all", use_all))
-    chosen = [option for option, present in given if present]
+    selectors = (("--archs", archs_file), ("--sample", sample is not None), ("--all", use_all))
+    chosen = [option for option, present in selectors if present]
     if len(chosen) != 1:
         raise EdgeNasError("choose the architectures with exactly one of --archs FILE, --sample N or --all")
     if archs_file:
