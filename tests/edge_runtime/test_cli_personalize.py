@@ -94,7 +94,7 @@ def test_missing_data(out_dir, tmp_path):
 def test_corrupt_data(out_dir, tmp_path):
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(b"this is not a zip archive")
-    assert_one_line_error(run_cli("--data", str(corrupt), "--out", out_dir), "corrupt.npz", "not a readable .npz")
+    assert_one_line_error(run_cli("--data", str(corrupt), "--out", out_dir), "corrupt.npz", "not an .npz archive")
 
 
 def test_too_few_images(out_dir, tmp_path):
