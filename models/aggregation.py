@@ -60,6 +60,8 @@ FORMAT_VERSION = 1
 
 # Kendall tau needs at least this many architectures to say anything about agreement.
 _MIN_AGREEMENT_POPULATION = 3
+# Below this population size the base-weight fallback is logged at INFO instead of WARNING.
+_QUIET_FALLBACK_POPULATION = 10
 
 # Multipliers of w0 that the calibration's coordinate search tries for each proxy.
 _WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -254,7 +256,10 @@ class Aggregator:
         weights = {p: base[p] * agreements.get(p, 0.0) ** self.agreement_power for p in self.proxies}
         fallback = not any(w > 0.0 for w in weights.values())
         if fallback:
-            logger.warning(
+            # On a handful of architectures Kendall tau is mostly noise, so the fallback is expected there.
+            level = logging.INFO if count < _QUIET_FALLBACK_POPULATION else logging.WARNING
+            logger.log(
+                level,
                 "no proxy of %s agrees with the others on this population of %d (agreements %s); using the base weights",
                 self.name,
                 count,

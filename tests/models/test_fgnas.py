@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
@@ -536,3 +537,18 @@ def test_aggregator_load_reports_missing_file(tmp_path):
 def test_aggregate_rejects_aggregator_of_other_name():
     with pytest.raises(AggregatorError, match="fgnas-forward"):
         aggregate_population("fgnas-forward", {"fgnas_fc": [1.0], "params": [1.0]}, label_free_aggregator("fgnas"))
+
+
+def test_fallback_on_tiny_population_is_not_a_warning(caplog):
+    # Each proxy ranks the four architectures against the others' consensus, so every agreement is below 0.
+    columns = {
+        "fgnas_fc": [1.0, 2.0, 3.0, 4.0],
+        "fgnas_gi": [4.0, 3.0, 2.0, 1.0],
+        "fgnas_gc": [1.0, 2.0, 3.0, 4.0],
+        "params": [4.0, 3.0, 2.0, 1.0],
+    }
+    with caplog.at_level(logging.INFO, logger="models.aggregation"):
+        result = label_free_aggregator("fgnas").score(columns)
+    assert result.fallback
+    assert caplog.records
+    assert all(record.levelno < logging.WARNING for record in caplog.records)
