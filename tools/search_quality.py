@@ -166,7 +166,7 @@ def search_once(
     wall_start = time.perf_counter()
     cpu_start = time.process_time()
     candidates = pipeline._search(
-        space, limits, budget, strategy, seed, inputs, labels, protocol, cache, ranking, False
+        space, limits, budget, strategy, seed, inputs, labels, protocol, cache, ranking, False, pipeline.RunObserver()
     )
     chosen_finalists = pipeline._select_finalists(space, candidates, ranking, finalists)
     request = pipeline.GradientRequest(

@@ -78,3 +78,23 @@ def test_parse_limit_words():
     assert search_quality.parse_limit("800k") == 800_000
     assert search_quality.limit_label(300_000) == "300k"
     assert search_quality.limit_label(None) == "none"
+
+
+def test_search_once_runs_the_pipeline(space, split, tmp_path):
+    from edge_runtime.data import load_dataset
+    from edge_runtime.proxy_ranking import default_ranking
+    from edge_runtime.score_cache import ScoreCache
+    from edge_runtime.scoring import ScoringProtocol
+
+    accuracy = {text: float(index) for index, text in enumerate(split)}
+    restricted = search_quality.DevelopmentSplitSpace(space, split)
+    inputs, labels = load_dataset("sklearn-digits").probe_batch(8, seed=0, size=32)
+    protocol = ScoringProtocol(space="nb201", num_classes=10, input_size=32, data_hash="digits", batch_size=8, seed=0)
+    with ScoreCache(tmp_path / "scores.sqlite") as opened:
+        run = search_quality.search_once(restricted, accuracy, inputs, labels, protocol,
+                                         search_quality.CountingCache(opened), default_ranking(),
+                                         None, 4, 2, "random", 0)
+    assert run["candidates"] == 4
+    assert run["finalists"] == 2
+    assert run["chosen"] in split
+    assert run["fresh_rows"] >= 4
