@@ -108,39 +108,43 @@ class ProtocolError(EdgeNasError, ValueError):
 # Topic tree --------------------------------------------------------------------------
 
 
+def _device_topic(device_id: str, leaf: str) -> str:
+    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/{leaf}"
+
+
 def request_topic(device_id: str) -> str:
     """Device to cloud: gradient requests of one device."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/requests"
+    return _device_topic(device_id, "requests")
 
 
 def result_topic(device_id: str) -> str:
     """Cloud to device: gradient results for one device."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/results"
+    return _device_topic(device_id, "results")
 
 
 def status_topic(device_id: str) -> str:
     """Device to anyone: the device's online/offline status (retained, with a last will)."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/status"
+    return _device_topic(device_id, "status")
 
 
 def command_topic(device_id: str) -> str:
     """Controller to device: commands for the device daemon (personalize, status, cancel)."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/commands"
+    return _device_topic(device_id, "commands")
 
 
 def reply_topic(device_id: str) -> str:
     """Device to controllers: the device daemon's replies to commands, matched by command id."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/replies"
+    return _device_topic(device_id, "replies")
 
 
 def job_topic(device_id: str, job_id: str) -> str:
     """Device to controllers: the progress and result of one job (retained)."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/jobs/{check_id(job_id, 'job id')}"
+    return _device_topic(device_id, f"jobs/{check_id(job_id, 'job id')}")
 
 
 def heartbeat_topic(device_id: str) -> str:
     """Device to anyone: the daemon's periodic heartbeat with telemetry."""
-    return f"{TOPIC_ROOT}/devices/{check_id(device_id, 'device id')}/heartbeat"
+    return _device_topic(device_id, "heartbeat")
 
 
 def aggregator_topic(space: str) -> str:
