@@ -7,6 +7,7 @@ from typing import Optional
 
 import click
 
+from edge_runtime.cli_common import broker_login_options
 from models.errors import EdgeNasError
 
 
@@ -31,9 +32,7 @@ def cloud() -> None:
 @click.option("--threads", type=int, metavar="N",
               help="torch intra-op threads of this worker (default: torch's choice); use 1 per worker when "
                    "several workers share a machine.")
-@click.option("--username", help="User name for the broker.")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="File whose first line is the broker password.")
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA certificate that signed the broker's TLS certificate.")
+@broker_login_options
 def serve_command(
     broker_url: str,
     group: str,

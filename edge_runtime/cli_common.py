@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import click
 
@@ -30,6 +30,18 @@ def parse_count(text: Optional[str], option: str) -> Optional[int]:
     if value <= 0:
         raise EdgeNasError(f"{option} must be positive, got {text!r}")
     return int(round(value))
+
+
+def broker_login_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the broker credential options --username, --password-file and --ca-file to a command."""
+    options = [
+        click.option("--username", help="User name for the broker."),
+        click.option("--password-file", type=click.Path(dir_okay=False), help="File whose first line is the broker password."),
+        click.option("--ca-file", type=click.Path(dir_okay=False), help="CA certificate that signed the broker's TLS certificate."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 def echo_json(payload: Any) -> None:

@@ -10,7 +10,7 @@ import click
 from cloud_sync.client import DEFAULT_TIMEOUT_S as DEFAULT_CLOUD_TIMEOUT_S
 from cloud_sync.client import BrokerSettings, CloudGradientSource
 from cloud_sync.protocol import SHARE_POLICIES, SHARE_SUMMARY
-from edge_runtime.cli_common import echo_json, parse_count
+from edge_runtime.cli_common import broker_login_options, echo_json, parse_count
 from edge_runtime.personalize import DEFAULT_BATCH_SIZE, DEFAULT_BUDGET, DEFAULT_FINALISTS, PersonalizeResult
 from edge_runtime.report import describe_aggregator
 from edge_runtime.search import STRATEGIES
@@ -64,9 +64,7 @@ logger = logging.getLogger(__name__)
               help=f"How long to wait for the cloud's gradient proxies before computing them here "
                    f"(default {DEFAULT_CLOUD_TIMEOUT_S:g} s).")
 @click.option("--device-id", metavar="NAME", help="This device's id and MQTT client id (default: the host name).")
-@click.option("--username", help="User name for the broker.")
-@click.option("--password-file", type=click.Path(dir_okay=False), help="File whose first line is the broker password.")
-@click.option("--ca-file", type=click.Path(dir_okay=False), help="CA certificate that signed the broker's TLS certificate.")
+@broker_login_options
 @click.option("--state-dir", metavar="DIR",
               help="Folder for the cloud outbox and the last aggregator received (default: $EDGE_NAS_CLOUD_STATE, "
                    "else $XDG_CACHE_HOME/edge-nas/cloud or ~/.cache/edge-nas/cloud).")

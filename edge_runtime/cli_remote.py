@@ -17,7 +17,7 @@ import click
 
 from cloud_sync import protocol
 from cloud_sync.protocol import ProtocolError
-from edge_runtime.cli_common import echo_json, parse_count
+from edge_runtime.cli_common import broker_login_options, echo_json, parse_count
 from models.errors import EdgeNasError
 
 logger = logging.getLogger(__name__)
@@ -159,9 +159,7 @@ def _broker_options(function: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--broker", "broker_url", required=True, metavar="URL",
                      help="MQTT broker: mqtt://HOST[:PORT] (default port 1883) or mqtts://HOST[:PORT] (TLS, default 8883)."),
         click.option("--device", "device_id", required=True, metavar="ID", help="Device id of the daemon to drive."),
-        click.option("--username", help="User name for the broker."),
-        click.option("--password-file", type=click.Path(dir_okay=False), help="File whose first line is the broker password."),
-        click.option("--ca-file", type=click.Path(dir_okay=False), help="CA certificate that signed the broker's TLS certificate."),
+        broker_login_options,
         click.option("--timeout", "timeout_s", type=float, default=DEFAULT_REPLY_TIMEOUT_S, show_default=True,
                      metavar="SECONDS", callback=_positive_seconds, help="How long to wait for the device's reply."),
         click.option("--json", "as_json", is_flag=True, help="Print the reply or the job as JSON on stdout."),
