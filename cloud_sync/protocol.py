@@ -504,10 +504,10 @@ def validate_personalize_arguments(arguments: Mapping[str, Any]) -> None:
             raise ProtocolError(f"constraint {name!r} must be a positive number, got {value!r}")
 
 
-def _check_keys(values: Mapping[str, Any], known: Sequence[str], what: str) -> None:
+def _check_keys(values: Mapping[str, Any], known: Sequence[str], kind: str) -> None:
     unknown = sorted(str(key)[:64] for key in values if key not in known)
     if unknown:
-        raise ProtocolError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known) or 'none'}")
+        raise ProtocolError(f"unknown {kind} {unknown[0]!r}; known: {', '.join(known) or 'none'}")
 
 
 def _validate_reply(message: Mapping[str, Any]) -> None:

@@ -130,7 +130,7 @@ class RemoteDevice:
     def _expect(self, kind: str, matches: Optional[Callable[[Any], bool]], timeout_s: float) -> Any:
         deadline = time.monotonic() + timeout_s
         while True:
-            event = self._next_event(deadline, held=False)
+            event = self._next_event(deadline, replay_held=False)
             if event is None:
                 return None
             if event[0] == kind and (matches is None or matches(event[1])):
@@ -138,8 +138,9 @@ class RemoteDevice:
             if event[0] == "message":
                 self._held.append(event)
 
-    def _next_event(self, deadline: Optional[float], held: bool = True) -> Optional[Tuple[str, Any]]:
-        if held and self._held:
+    def _next_event(self, deadline: Optional[float], replay_held: bool = True) -> Optional[Tuple[str, Any]]:
+        """Return the next event: first the messages set aside while waiting for an acknowledgement, then new ones."""
+        if replay_held and self._held:
             return self._held.pop(0)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -236,9 +237,9 @@ def personalize_command(
         "seed": seed, "batch_size": batch_size,
     }
     arguments = {name: value for name, value in arguments.items() if value is not None}
-    given = {name: value for name, value in constraints.items() if value is not None}
-    if given:
-        arguments["constraints"] = given
+    requested_constraints = {name: value for name, value in constraints.items() if value is not None}
+    if requested_constraints:
+        arguments["constraints"] = requested_constraints
     try:
         protocol.validate_personalize_arguments(arguments)
         if command_id is not None:
@@ -365,12 +366,12 @@ def _await_end(device: RemoteDevice, job: Dict[str, Any], wait_timeout: Optional
     """Follow the job's status messages until it ends; progress goes to stderr."""
     deadline = time.monotonic() + wait_timeout if wait_timeout is not None else None
     job_topic = protocol.job_topic(device.device_id, job["job_id"])
-    shown = ""
+    last_line = ""
     while job["state"] not in protocol.FINAL_JOB_STAGES:
         line = _progress_line(job)
-        if line != shown:
+        if line != last_line:
             click.echo(line, err=True)
-            shown = line
+            last_line = line
         received = device.next_message(deadline)
         if received is None:
             raise EdgeNasError(

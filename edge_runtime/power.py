@@ -391,12 +391,12 @@ def _channel_number(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def unique_label(label: str, taken: Collection[str]) -> str:
-    """Return `label`, or `label#2`, `label#3`, ... when it is already taken."""
-    if label not in taken:
+def unique_label(label: str, existing: Collection[str]) -> str:
+    """Return `label`, or the first of `label#2`, `label#3`, ... that is not in `existing`."""
+    if label not in existing:
         return label
     suffix = 2
-    while f"{label}#{suffix}" in taken:
+    while f"{label}#{suffix}" in existing:
         suffix += 1
     return f"{label}#{suffix}"
 

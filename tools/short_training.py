@@ -4,8 +4,8 @@ No ImageNet training fits on this machine, so this checks the ranking at a scale
 cores afford. A seeded sample of subnets of the MobileNetV2 space is built at CIFAR resolution
 with a small width multiplier. Each subnet is trained from scratch for the same number of
 epochs on one part of the real CIFAR-10 sample and tested on the rest. Every proxy scores the same
-subnets on a probe batch of the same CIFAR-10 sample; the report gives the signed Spearman rho
-between each proxy and the short-training accuracy with a bootstrap 95% interval.
+subnets on a probe batch of the same CIFAR-10 sample. The report gives the signed Spearman rho
+between each proxy and the short-training accuracy, with a bootstrap 95% interval.
 
     OMP_NUM_THREADS=1 python tools/short_training.py --archs 16 --epochs 30 --retrain 4 --out docs/benchmarks/mbv2_short_training
 

@@ -54,9 +54,9 @@ def test_augment_keeps_shape_and_content():
     assert out.shape == batch.shape
     for image, source in zip(out, batch):
         # Every kept pixel comes from the source image (possibly mirrored); the rest is the zero padding.
-        kept = set(image[image != 0].tolist())
-        assert kept <= set(source.flatten().tolist())
-        assert len(kept) >= 3 * 4 * 4  # a crop keeps at least half of each side
+        pixels = set(image[image != 0].tolist())
+        assert pixels <= set(source.flatten().tolist())
+        assert len(pixels) >= 3 * 4 * 4  # A crop keeps at least half of each side.
 
 
 def test_augment_crop_is_a_shifted_window():
