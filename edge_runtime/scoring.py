@@ -146,7 +146,7 @@ def activation_bytes_per_sample(network: torch.nn.Module, input_size: int, chann
     # grow with the square of the token count.
     measured_size = min(input_size, ACTIVATION_PROBE_MAX_SIZE)
     scale = (input_size / measured_size) ** 2
-    from models.proxies._context import scoring_mode
+    from models.proxies._context import forward_hooks, scoring_mode
 
     total = [0]
 
@@ -155,13 +155,8 @@ def activation_bytes_per_sample(network: torch.nn.Module, input_size: int, chann
             total[0] += output.numel() * output.element_size()
 
     leaves = [m for m in network.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(on_output) for m in leaves]
-    try:
-        with scoring_mode(network), torch.no_grad():
-            network(torch.zeros(2, channels, measured_size, measured_size))
-    finally:
-        for handle in handles:
-            handle.remove()
+    with scoring_mode(network), torch.no_grad(), forward_hooks(leaves, on_output):
+        network(torch.zeros(2, channels, measured_size, measured_size))
     return int(total[0] * scale) // 2
 
 
