@@ -266,6 +266,11 @@ class AggregateRule:
     aggregator: object
     sources: Tuple[Tuple[str, str], ...]  # (component, column)
 
+    @classmethod
+    def own_columns(cls, aggregator) -> "AggregateRule":
+        """Return the rule that feeds each component from the column of the same name."""
+        return cls(aggregator, tuple((p, p) for p in aggregator.proxies))
+
 
 def _aggregate_rows(aggregates: Sequence[str], variants: Sequence[Variant], ablations: bool, calibrated=None):
     """Yield (row name, AggregateRule): each aggregate, its ablations, its calibrated form, and each variant swapped in."""
@@ -273,14 +278,13 @@ def _aggregate_rows(aggregates: Sequence[str], variants: Sequence[Variant], abla
 
     for name in aggregates:
         base = label_free_aggregator(name)
-        plain = tuple((p, p) for p in base.proxies)
-        yield name, AggregateRule(base, plain)
+        yield name, AggregateRule.own_columns(base)
         if ablations:
             for switch in ABLATIONS:
                 ablated = base.ablated(switch)
-                yield f"{name} {switch}", AggregateRule(ablated, tuple((p, p) for p in ablated.proxies))
+                yield f"{name} {switch}", AggregateRule.own_columns(ablated)
         if calibrated is not None and calibrated.name == name:
-            yield f"{name} calibrated", AggregateRule(calibrated, tuple((p, p) for p in calibrated.proxies))
+            yield f"{name} calibrated", AggregateRule.own_columns(calibrated)
         for variant in variants:
             if variant.proxy in base.proxies:
                 swapped = tuple((p, variant.label if p == variant.proxy else p) for p in base.proxies)
